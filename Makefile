@@ -1,0 +1,39 @@
+# The two commands of README.md. Both work from a fresh clone on a fresh machine:
+#   make demo   sets up .venv, prepares the offline demo corpus, trains configs/tiny.toml
+#   make test   sets up .venv and runs lint + the whole test suite (what CI runs)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: setup demo test lint format clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "megamoe needs Python 3.11 (found %d.%d)" % sys.version_info[:2])'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and exactly pinned, so nothing can pull a CUDA build in its place
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+data/demo/manifest.json: | setup
+	$(BIN)/megamoe data prepare --stdlib --output data/demo
+
+demo: setup data/demo/manifest.json
+	$(BIN)/megamoe train --config configs/tiny.toml --summary-json runs/tiny/summary.json
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: setup lint
+	$(BIN)/python -m pytest -q tests
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) data/demo runs

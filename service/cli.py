@@ -1,0 +1,146 @@
+"""The ``megamoe`` command line.
+
+Subcommands available in this build:
+
+* ``megamoe train --config F [--set section.key=value ...] [--nproc N] [--summary-json PATH]``
+* ``megamoe data prepare --input PATHS --output DIR [--tokenizer byte|bpe] ...``
+* ``megamoe config show --config F [--set ...]`` prints the validated, resolved config.
+
+Errors a user can cause (bad config, missing data, bad flags) print one line
+``megamoe: error: ...`` and exit with status 2; no traceback. torch-heavy
+modules are imported inside the subcommands, so ``megamoe --help`` and config
+validation stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from trainer import __version__
+from trainer.errors import MegamoeError
+
+EXIT_USAGE = 2
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="TOML config file (see configs/)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value; repeatable (e.g. --set train.steps=50)",
+    )
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from trainer import config
+
+    cfg = config.load(args.config, args.overrides)
+    if args.nproc < 1:
+        raise MegamoeError(f"--nproc = {args.nproc} must be >= 1")
+    if args.nproc > 1:
+        raise MegamoeError(
+            f"--nproc {args.nproc}: multi-process training is not available in this build yet; "
+            "run with --nproc 1 (the single-device reference of the configured layout)"
+        )
+    from trainer.train import train
+
+    train(cfg, summary_path=args.summary_json)
+    return 0
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    import json
+
+    from trainer import config
+
+    cfg = config.load(args.config, args.overrides)
+    print(json.dumps(cfg.to_dict(), indent=1))
+    return 0
+
+
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    from trainer.data import prepare_corpus
+    from trainer.data.demo import stdlib_sources
+
+    inputs = list(args.input)
+    include = args.include
+    if args.stdlib:
+        inputs += [str(p) for p in stdlib_sources()]
+        include = include or "*.py"
+    if not inputs:
+        raise MegamoeError("data prepare: give --input PATHS and/or --stdlib")
+    manifest = prepare_corpus(
+        inputs,
+        args.output,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        include=include or "*",
+        max_bytes=args.max_bytes,
+        progress=not args.quiet,
+    )
+    print(
+        f"prepared {args.output}: {manifest['num_tokens']:,} tokens from "
+        f"{manifest['num_documents']:,} documents ({manifest['tokenizer']}, "
+        f"vocab {manifest['vocab_size']})"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megamoe", description="Train mixture-of-experts language models (MegaScale-MoE)."
+    )
+    parser.add_argument("--version", action="version", version=f"megamoe {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train a model locally")
+    _add_config_args(train)
+    train.add_argument("--nproc", type=int, default=1, help="local ranks (default 1)")
+    train.add_argument("--summary-json", metavar="PATH", help="write the run summary here")
+    train.set_defaults(func=_cmd_train)
+
+    cfg = sub.add_parser("config", help="inspect configs").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    show = cfg.add_parser("show", help="print the validated config with overrides applied")
+    _add_config_args(show)
+    show.set_defaults(func=_cmd_config_show)
+
+    data = sub.add_parser("data", help="prepare training data").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    prep = data.add_parser("prepare", help="tokenize text files into a token directory")
+    prep.add_argument("--input", nargs="+", default=[], metavar="PATH", help="files or dirs")
+    prep.add_argument(
+        "--stdlib", action="store_true", help="add this Python's standard-library sources"
+    )
+    prep.add_argument("--output", required=True, metavar="DIR")
+    prep.add_argument("--tokenizer", choices=["byte", "bpe"], default="byte")
+    prep.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
+    prep.add_argument("--include", default=None, help="file-name glob (default '*')")
+    prep.add_argument("--max-bytes", type=int, default=None, help="stop after this many bytes")
+    prep.add_argument("--quiet", action="store_true", help="no progress bar")
+    prep.set_defaults(func=_cmd_data_prepare)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except MegamoeError as exc:
+        print(f"megamoe: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("megamoe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

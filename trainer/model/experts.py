@@ -1,0 +1,104 @@
+"""SwiGLU experts computed as grouped work, and the dense shared expert.
+
+Shape legend: T tokens, k top-k, H hidden, F expert ffn hidden, E experts,
+A kept (token, slot) assignments.
+
+The routed experts hold their weights as stacked tensors ([E, H, F] for FC1
+and FC3, [E, F, H] for FC2) so an expert-parallel rank owns a contiguous
+slice of whole experts. The computation is grouped: the kept assignments are
+sorted by expert once, which gives a row mapping (sorted row -> token); the
+inputs are gathered through it, every expert runs one GEMM over its
+contiguous rows, and the outputs are written back through the same mapping
+and summed over the k slots. No Python loop ever runs over tokens.
+
+As in PAPER.md section 3 the gate weight multiplies right after SwiGLU, before
+FC2 (FC2 is linear, so the result equals weighting FC2's output): the combined
+output never has to be stored for backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class RowMap:
+    """Where each sorted row comes from: the precomputed scatter/gather mapping."""
+
+    slot_A: torch.Tensor  # flat (token * k + slot) index of each sorted row
+    token_A: torch.Tensor  # token index of each sorted row
+    counts_E: list[int]  # rows per expert, in expert order
+
+
+def build_row_map(expert_ids_Tk: torch.Tensor, keep_Tk: torch.Tensor, experts: int) -> RowMap:
+    """Sort the kept assignments by expert (stable: token order inside an expert)."""
+    k = expert_ids_Tk.shape[-1]
+    flat_expert = expert_ids_Tk.reshape(-1)
+    kept_slots = keep_Tk.reshape(-1).nonzero().squeeze(-1)
+    order = torch.sort(flat_expert[kept_slots], stable=True).indices
+    slot_A = kept_slots[order]
+    counts = torch.bincount(flat_expert[slot_A], minlength=experts)
+    return RowMap(slot_A, slot_A // k, counts.tolist())
+
+
+def swiglu_grouped(
+    x_AH: torch.Tensor,
+    gate_A: torch.Tensor,
+    w1_EHF: torch.Tensor,
+    w3_EHF: torch.Tensor,
+    w2_EFH: torch.Tensor,
+    counts_E: list[int],
+) -> torch.Tensor:
+    """fc2(silu(fc1 x) * fc3 x * gate) for rows grouped by expert: one GEMM per expert."""
+    gates = gate_A.to(x_AH.dtype)[:, None].split(counts_E)
+    outputs = [
+        (F.silu(rows @ w1_EHF[e]) * (rows @ w3_EHF[e]) * gate) @ w2_EFH[e]
+        for e, (rows, gate) in enumerate(zip(x_AH.split(counts_E), gates, strict=True))
+        if rows.shape[0] > 0
+    ]
+    if not outputs:
+        return x_AH.new_zeros(0, w2_EFH.shape[-1])
+    return torch.cat(outputs)
+
+
+class RoutedExperts(nn.Module):
+    def __init__(self, experts: int, hidden: int, ffn_hidden: int) -> None:
+        super().__init__()
+        self.experts = experts
+        self.w1 = nn.Parameter(torch.empty(experts, hidden, ffn_hidden))
+        self.w3 = nn.Parameter(torch.empty(experts, hidden, ffn_hidden))
+        self.w2 = nn.Parameter(torch.empty(experts, ffn_hidden, hidden))
+
+    def forward(
+        self,
+        x_TH: torch.Tensor,
+        expert_ids_Tk: torch.Tensor,
+        gates_Tk: torch.Tensor,
+        keep_Tk: torch.Tensor,
+    ) -> torch.Tensor:
+        T, H = x_TH.shape
+        k = expert_ids_Tk.shape[-1]
+        rows = build_row_map(expert_ids_Tk, keep_Tk, self.experts)
+        x_AH = x_TH[rows.token_A]
+        gate_A = gates_Tk.reshape(-1)[rows.slot_A]
+        y_AH = swiglu_grouped(x_AH, gate_A, self.w1, self.w3, self.w2, rows.counts_E)
+        # Gather back through the same mapping; dropped slots stay zero.
+        out_TkH = y_AH.new_zeros(T * k, H).index_copy(0, rows.slot_A, y_AH)
+        return out_TkH.view(T, k, H).sum(1)
+
+
+class DenseSwiGLU(nn.Module):
+    """The always-active shared expert(s), fused into one wider SwiGLU."""
+
+    def __init__(self, hidden: int, ffn_hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(hidden, ffn_hidden))
+        self.w3 = nn.Parameter(torch.empty(hidden, ffn_hidden))
+        self.w2 = nn.Parameter(torch.empty(ffn_hidden, hidden))
+
+    def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
+        return (F.silu(x_TH @ self.w1) * (x_TH @ self.w3)) @ self.w2

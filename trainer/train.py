@@ -1,0 +1,214 @@
+"""The training loop: build the parts from a Config, run the steps, write the summary.
+
+One optimizer step consumes ``train.global_batch`` sequences, split into
+micro-batches of ``train.micro_batch`` (gradients accumulated); the loss is
+the mean next-token cross entropy plus the device-level balance loss. AdamW
+with linear warmup and cosine decay, global gradient-norm clipping, and a
+skipped step (counted) when the gradient is not finite. ``train.dtype = bf16``
+runs the forward under autocast with fp32 master weights.
+
+This file wires and loops; the parts live in model/, data/ and observe/.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from trainer.config import Config, TrainConfig
+from trainer.data import BatchSampler, TokenData, batch_from_starts
+from trainer.errors import ConfigError
+from trainer.model import MoETransformer, flops_per_token, lm_loss, total_params
+from trainer.model.flops import activated_gemm_params
+from trainer.observe.mfu import peak_flops
+from trainer.observe.progress import RunLog, StepRecord
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    """Learning rate for optimizer step ``step`` (1-based): linear warmup, then cosine."""
+    if t.warmup_steps and step <= t.warmup_steps:
+        return t.lr * step / t.warmup_steps
+    span = max(t.steps - t.warmup_steps, 1)
+    progress = min((step - t.warmup_steps) / span, 1.0)
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device = 'cuda' but no CUDA device is available")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def build_model(cfg: Config, device: torch.device) -> MoETransformer:
+    """The reference model, initialised from train.seed (same weights on every layout)."""
+    torch.manual_seed(cfg.train.seed)
+    return MoETransformer(cfg.model, groups=cfg.parallel.n).to(device)
+
+
+def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on norms)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": t.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), foreach=True)
+
+
+def open_data(cfg: Config) -> TokenData:
+    data = TokenData.open(cfg.data.path, verify=cfg.data.verify)
+    if data.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size = {cfg.model.vocab_size} is smaller than the vocabulary of "
+            f"{cfg.data.path} ({data.vocab_size}, tokenizer {data.tokenizer_name})"
+        )
+    return data
+
+
+@dataclass
+class StepResult:
+    loss: float
+    balance_loss: float
+    grad_norm: float
+    dropped: int
+    assignments: int
+    skipped: bool
+
+
+def train_step(
+    model: MoETransformer,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    cfg: Config,
+) -> StepResult:
+    """Forward/backward over the micro-batches, clip, and step unless non-finite."""
+    device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.train.dtype == "bf16")
+    loss_sum = bal_sum = 0.0
+    dropped = assignments = 0
+    for inputs, targets in micro_batches:
+        with autocast:
+            logits, stats = model(inputs)
+            loss = lm_loss(logits, targets)
+        ((loss + stats.balance_loss) / len(micro_batches)).backward()
+        loss_sum += loss.item()
+        bal_sum += stats.balance_loss.item()
+        dropped += stats.dropped
+        assignments += stats.assignments
+    max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    skipped = not math.isfinite(grad_norm)
+    if not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    n = len(micro_batches)
+    return StepResult(loss_sum / n, bal_sum / n, grad_norm, dropped, assignments, skipped)
+
+
+def _micro_batches(
+    data: TokenData, sampler: BatchSampler, cfg: Config, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    starts = sampler.next_starts()
+    micro = cfg.train.micro
+    out = []
+    for i in range(0, len(starts), micro):
+        x, y = batch_from_starts(data.tokens, starts[i : i + micro], cfg.model.seq_len)
+        out.append((x.to(device), y.to(device)))
+    return out
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def describe(cfg: Config, data: TokenData, device: torch.device) -> str:
+    m, t = cfg.model, cfg.train
+    return (
+        f"megamoe: {total_params(m) / 1e6:.2f}M parameters "
+        f"({activated_gemm_params(m) / 1e6:.2f}M activated GEMM), {m.layers} layers, "
+        f"{m.experts} experts top-{m.topk}, router groups {cfg.parallel.n}; "
+        f"{device.type} ({torch.get_num_threads()} threads), {t.dtype}; "
+        f"data {cfg.data.path}: {data.num_tokens:,} tokens ({data.tokenizer_name}); "
+        f"{t.steps} steps x {t.global_batch} x {m.seq_len} tokens"
+    )
+
+
+def train(cfg: Config, summary_path: str | None = None, out: TextIO = sys.stdout) -> dict[str, Any]:
+    """Train in one process (the single-device reference of the configured layout)."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = pick_device(cfg.train.device)
+    data = open_data(cfg)
+    sampler = BatchSampler(
+        data.num_tokens, cfg.model.seq_len, cfg.train.global_batch, cfg.train.seed
+    )
+    model = build_model(cfg, device)
+    optimizer = build_optimizer(model, cfg.train)
+    print(describe(cfg, data, device), file=out, flush=True)
+    log = RunLog(
+        total_steps=cfg.train.steps,
+        flops_per_token=flops_per_token(cfg.model),
+        peak_flops=peak_flops(device, cfg.train.dtype, cfg.observe.peak_tflops),
+        log_interval=cfg.observe.log_interval,
+        out=out,
+    )
+    tokens_per_step = cfg.train.global_batch * cfg.model.seq_len
+    wall_start = time.perf_counter()
+    for step in range(1, cfg.train.steps + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg.train)
+        start = time.perf_counter()
+        result = train_step(model, optimizer, _micro_batches(data, sampler, cfg, device), cfg)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        log.add(
+            StepRecord(
+                step, result.loss, result.balance_loss, lr_at(step, cfg.train), result.grad_norm,
+                seconds, tokens_per_step, result.dropped, result.assignments, result.skipped,
+            )
+        )  # fmt: skip
+    summary = log.summary(
+        wall_s=time.perf_counter() - wall_start,
+        peak_memory_bytes=peak_memory_bytes(device),
+        layout={**cfg.to_dict()["parallel"], "nproc": 1, "world": 1, "mode": "reference"},
+        comm={},  # filled by the instrumented collectives of multi-rank runs
+        device=str(device),
+        dtype=cfg.train.dtype,
+        data={"path": cfg.data.path, "tokens": data.num_tokens, "tokenizer": data.tokenizer_name},
+        sampler=sampler.state_dict(),
+        config=cfg.to_dict(),
+    )
+    first, final = summary["losses"][0], summary["final_loss"]
+    print(
+        f"done: {summary['steps']} steps in {summary['wall_s']:.1f} s, loss {first:.4f} -> "
+        f"{final:.4f} ({100 * final / first:.1f} % of the first step), "
+        f"{summary['tokens_per_s'] / 1e3:.2f}k tok/s, MFU {100 * summary['mfu']:.2f}%",
+        file=out,
+        flush=True,
+    )
+    if summary_path:
+        write_json(summary_path, summary)
+    return summary
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically (temp file + rename), creating parent directories."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.replace(path)
