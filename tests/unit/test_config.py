@@ -1,5 +1,6 @@
 """Config loading, overrides and validation: errors name the key and the value."""
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -131,3 +132,12 @@ def test_config_is_frozen():
 def test_config_module_imports_no_torch():
     code = "import sys, trainer.config; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_readme_documents_every_key():
+    readme = Path("README.md").read_text()
+    for name, section in config.SECTIONS.items():
+        for f in dataclasses.fields(section):
+            assert f"`{name}.{f.name}`" in readme, (
+                f"{name}.{f.name} missing from README's configuration reference"
+            )
