@@ -1,0 +1,163 @@
+"""Attention of the macro module over the n ranks: Ulysses SP and the TP baseline.
+
+Both keep the residual stream sequence-sharded, [B, L, H] with L = S / n.
+
+* ``sp`` (the method, PAPER.md section 2): replicated W_qkv and W_o. QKV GEMM
+  and RoPE on the local shard; one all-to-all turns sequence-sharded q, k, v
+  into head-sharded tensors over the full sequence (rank j gets q heads
+  [j N/n, (j+1) N/n) and the matching kv heads, so GQA groups stay whole);
+  causal attention on the local heads; one all-to-all back; W_o on the local
+  shard. Kept for backward (SAR): the all-to-all'd qkv, the attention output
+  and its logsumexp. The output all-to-all is re-run in backward.
+* ``tp`` (Megatron-style baseline with sequence parallelism): all-gather the
+  normed input, column-parallel QKV (local heads), attention, row-parallel
+  W_o, reduce-scatter. Kept: qkv and the attention output + logsumexp; the
+  all-gather is re-run in backward.
+
+Functions take a ``Ctx`` (the layer's static facts and its Comm) and a dict
+``saved`` they fill in forward and read in backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trainer.parallel.ops import (
+    attention_bwd,
+    attention_fwd,
+    linear_bwd,
+    rmsnorm_bwd,
+    rmsnorm_fwd,
+    rope,
+)
+
+
+def seq_all_gather(ctx, t_BLX: torch.Tensor, tag: str) -> torch.Tensor:
+    """[B, L, X] on each rank -> [B, S, X] (rank j's shard is sequence chunk j)."""
+    B, L, X = t_BLX.shape
+    out = ctx.comm.all_gather(t_BLX.reshape(B * L, X), tag)
+    return out.view(ctx.n, B, L, X).permute(1, 0, 2, 3).reshape(B, ctx.n * L, X)
+
+
+def seq_reduce_scatter(ctx, t_BSX: torch.Tensor, tag: str) -> torch.Tensor:
+    """[B, S, X] partial sums -> summed [B, L, X] of this rank's sequence chunk."""
+    B, S, X = t_BSX.shape
+    L = S // ctx.n
+    chunks = t_BSX.view(B, ctx.n, L, X).permute(1, 0, 2, 3).reshape(ctx.n * B * L, X)
+    return ctx.comm.reduce_scatter(chunks, tag).view(B, L, X)
+
+
+def _heads_to_ranks(q, k, v, n):
+    """[B, L, heads, D] x3 -> [n, B, L, Nl + 2 Gl, D]: chunk j holds rank j's heads."""
+    B, L, N, D = q.shape
+    G = k.shape[2]
+    parts = [q.view(B, L, n, N // n, D), k.view(B, L, n, G // n, D), v.view(B, L, n, G // n, D)]
+    return torch.cat(parts, dim=3).permute(2, 0, 1, 3, 4).contiguous()
+
+
+def _split_local_heads(ctx, qkv_BSXD):
+    """[B, S, Nl + 2 Gl, D] -> q [B, Nl, S, D], k, v [B, Gl, S, D]."""
+    nl, gl = ctx.heads // ctx.n, ctx.kv_heads // ctx.n
+    q, k, v = qkv_BSXD.split([nl, gl, gl], dim=2)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def _a2a_heads_to_seq(ctx, t_BSXD, tag):
+    """Head-sharded full sequence [B, S, X, D] -> [n, B, L, X, D] from every head group."""
+    B, S, X, D = t_BSXD.shape
+    L = S // ctx.n
+    send = t_BSXD.view(B, ctx.n, L, X, D).permute(1, 0, 2, 3, 4).reshape(ctx.n * B * L, X * D)
+    return ctx.comm.all_to_all(send, None, None, tag).view(ctx.n, B, L, X, D)
+
+
+def _a2a_seq_to_heads(ctx, send_nBLXD, tag):
+    """[n, B, L, X, D] (chunk j for rank j) -> [B, S, X, D] over the full sequence."""
+    n, B, L, X, D = send_nBLXD.shape
+    recv = ctx.comm.all_to_all(send_nBLXD.reshape(n * B * L, X * D), None, None, tag)
+    return recv.view(n, B, L, X, D).permute(1, 0, 2, 3, 4).reshape(B, n * L, X, D)
+
+
+def _qkv_rope(ctx, qkv_BSX, positions, n_q, n_kv, inverse=False):
+    B, S, _ = qkv_BSX.shape
+    D = ctx.head_dim
+    q, k, v = qkv_BSX.split([n_q * D, n_kv * D, n_kv * D], dim=-1)
+    q = rope(q.reshape(B, S, n_q, D), positions, ctx.rope_theta, inverse)
+    k = rope(k.reshape(B, S, n_kv, D), positions, ctx.rope_theta, inverse)
+    return q, k, v.reshape(B, S, n_kv, D)
+
+
+def sp_forward(ctx, x, ln1_w, wqkv, wo, saved):
+    L = x.shape[1]
+    ln1 = rmsnorm_fwd(x, ln1_w, ctx.eps)
+    q, k, v = _qkv_rope(ctx, ln1 @ wqkv.T, ctx.local_positions(L), ctx.heads, ctx.kv_heads)
+    qkv_a2a = _a2a_seq_to_heads(ctx, _heads_to_ranks(q, k, v, ctx.n), "attn_qkv")
+    out, lse = attention_fwd(*_split_local_heads(ctx, qkv_a2a))
+    saved.update(qkv_a2a=qkv_a2a, attn_out=out, attn_lse=lse)
+    attn_a2a = _sp_output_a2a(ctx, out, "attn_out")
+    return x + attn_a2a @ wo.T
+
+
+def _sp_output_a2a(ctx, out_BNSD, tag):
+    """Head-sharded attention output -> [B, L, N * D] with heads in global order."""
+    recv = _a2a_heads_to_seq(ctx, out_BNSD.transpose(1, 2), tag)  # [n, B, L, Nl, D]
+    n, B, L, nl, D = recv.shape
+    return recv.permute(1, 2, 0, 3, 4).reshape(B, L, n * nl * D)
+
+
+def sp_backward(ctx, d_h, x, ln1_w, wqkv, wo, saved):
+    B, L, _ = x.shape
+    nl, gl, D = ctx.heads // ctx.n, ctx.kv_heads // ctx.n, ctx.head_dim
+    attn_a2a = _sp_output_a2a(ctx, saved["attn_out"], "attn_out")  # SAR: re-communicate
+    d_attn_a2a, d_wo = linear_bwd(d_h, attn_a2a, wo)
+    send = d_attn_a2a.view(B, L, ctx.n, nl, D).permute(2, 0, 1, 3, 4)
+    d_out = _a2a_seq_to_heads(ctx, send, "attn_out").transpose(1, 2)
+    q, k, v = _split_local_heads(ctx, saved["qkv_a2a"])
+    dq, dk, dv = attention_bwd(d_out, q, k, v, saved["attn_out"], saved["attn_lse"])
+    d_local = torch.cat([dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)], dim=2)
+    recv = _a2a_heads_to_seq(ctx, d_local, "attn_qkv")  # [n, B, L, Nl + 2 Gl, D]
+    dq_, dk_, dv_ = recv.split([nl, gl, gl], dim=3)
+    pos = ctx.local_positions(L)
+    dq_ = rope(dq_.permute(1, 2, 0, 3, 4).reshape(B, L, ctx.heads, D), pos, ctx.rope_theta, True)
+    dk_ = rope(dk_.permute(1, 2, 0, 3, 4).reshape(B, L, ctx.kv_heads, D), pos, ctx.rope_theta, True)
+    dv_ = dv_.permute(1, 2, 0, 3, 4).reshape(B, L, ctx.kv_heads * D)
+    d_qkv = torch.cat([dq_.reshape(B, L, -1), dk_.reshape(B, L, -1), dv_], dim=-1)
+    ln1 = rmsnorm_fwd(x, ln1_w, ctx.eps)  # SAR: recompute the norm
+    d_ln1, d_wqkv = linear_bwd(d_qkv, ln1, wqkv)
+    dx, d_ln1_w = rmsnorm_bwd(d_ln1, x, ln1_w, ctx.eps)
+    return d_h + dx, (d_ln1_w, d_wqkv, d_wo)
+
+
+def tp_forward(ctx, x, ln1_w, wqkv, wo, saved):
+    B = x.shape[0]
+    ln1_full = seq_all_gather(ctx, rmsnorm_fwd(x, ln1_w, ctx.eps), "attn_ag")
+    S = ln1_full.shape[1]
+    nl, gl = ctx.heads // ctx.n, ctx.kv_heads // ctx.n
+    q, k, v = _qkv_rope(ctx, ln1_full @ wqkv.T, torch.arange(S, device=x.device), nl, gl)
+    qkv = torch.cat([q, k, v], dim=2)
+    out, lse = attention_fwd(*_split_local_heads(ctx, qkv))
+    saved.update(qkv_a2a=qkv, attn_out=out, attn_lse=lse)
+    partial = out.transpose(1, 2).reshape(B, S, nl * ctx.head_dim) @ wo.T
+    return x + seq_reduce_scatter(ctx, partial, "attn_rs")
+
+
+def tp_backward(ctx, d_h, x, ln1_w, wqkv, wo, saved):
+    B = x.shape[0]
+    nl, D = ctx.heads // ctx.n, ctx.head_dim
+    d_partial = seq_all_gather(ctx, d_h, "attn_ag")
+    S = d_partial.shape[1]
+    out = saved["attn_out"]
+    o = out.transpose(1, 2).reshape(B, S, nl * D)
+    d_o, d_wo = linear_bwd(d_partial, o, wo)
+    q, k, v = _split_local_heads(ctx, saved["qkv_a2a"])
+    dq, dk, dv = attention_bwd(
+        d_o.view(B, S, nl, D).transpose(1, 2), q, k, v, out, saved["attn_lse"]
+    )
+    pos = torch.arange(S, device=x.device)
+    dq = rope(dq.transpose(1, 2), pos, ctx.rope_theta, True).reshape(B, S, -1)
+    dk = rope(dk.transpose(1, 2), pos, ctx.rope_theta, True).reshape(B, S, -1)
+    d_qkv = torch.cat([dq, dk, dv.transpose(1, 2).reshape(B, S, -1)], dim=-1)
+    ln1_full = seq_all_gather(ctx, rmsnorm_fwd(x, ln1_w, ctx.eps), "attn_ag")  # SAR: re-gather
+    d_ln1_full, d_wqkv = linear_bwd(d_qkv, ln1_full, wqkv)
+    d_ln1 = seq_reduce_scatter(ctx, d_ln1_full, "attn_rs")
+    dx, d_ln1_w = rmsnorm_bwd(d_ln1, x, ln1_w, ctx.eps)
+    return d_h + dx, (d_ln1_w, d_wqkv, d_wo)

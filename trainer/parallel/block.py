@@ -1,0 +1,136 @@
+"""The MoE layer as one macro module: attention + MoE FFN with a hand-written backward.
+
+``MacroLayer`` is one custom autograd Function around the whole layer, so
+autograd sees a single node per layer and the operator order inside forward
+and backward is ours to choose (the next step is running communication
+beside independent computation). Between layers autograd is fine.
+
+Selective activation rematerialisation (PAPER.md section 4) decides what the
+Function keeps: the layer input ("hidden"), qkv after the all-to-all, the
+attention output (+ its logsumexp), ln2_in (the residual after attention),
+FC1 and FC3 outputs. Backward recomputes both norms and SiLU and re-runs the
+attention-output all-to-all and the expert-input dispatch / all-gather.
+``retained_bytes`` reports the kept tensors, which for SP + EP follow
+(2kf + 4 + 2/m) * b s h / n elements.
+
+Forward order:  norm1 -> QKV -> a2a -> attention -> a2a -> W_o (+res)
+                -> norm2 -> router (+ stats all-reduce) -> dispatch -> experts
+                -> combine (+ shared expert) (+res)
+Backward order: experts (re-dispatch inputs) -> router -> norm2 -> W_o
+                (re-a2a output) -> a2a -> attention -> a2a -> QKV -> norm1
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from trainer.parallel import attention, moe
+from trainer.parallel.comm import Comm
+from trainer.parallel.ops import expert_bwd, rmsnorm_bwd, rmsnorm_fwd
+
+SAR_KEYS = ("x", "qkv_a2a", "attn_out", "h", "fc1", "fc3")
+
+
+@dataclass
+class LayerCtx:
+    """Static facts one layer needs at run time, and the Comm it talks through."""
+
+    comm: Comm
+    n: int
+    rank: int
+    attention: str
+    ffn_mode: str
+    seq_len: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    experts: int
+    topk: int
+    norm_topk: bool
+    capacity_factor: float
+    balance_coef: float
+    rope_theta: float
+    eps: float
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def local_positions(self, L: int) -> torch.Tensor:
+        return torch.arange(self.rank * L, (self.rank + 1) * L)
+
+    def _global_tokens(self, T_l: int, rank: int) -> torch.Tensor:
+        L = self.seq_len // self.n
+        B = T_l // L
+        b = torch.arange(B)[:, None]
+        return (b * self.seq_len + rank * L + torch.arange(L)[None, :]).reshape(-1)
+
+    def global_slots(self, T_l: int, k: int) -> torch.Tensor:
+        """Batch-major (token * k + slot) index of each local (token, slot)."""
+        tokens = self._global_tokens(T_l, self.rank)
+        return (tokens[:, None] * k + torch.arange(k)[None, :]).reshape(-1)
+
+    def gathered_to_global(self, T_l: int) -> torch.Tensor:
+        """Batch-major token index of each row of an all-gather over the n ranks."""
+        return torch.cat([self._global_tokens(T_l, r) for r in range(self.n)])
+
+
+def _shared_fwd(x2, w1, w3, w2):
+    return (torch.nn.functional.silu(x2 @ w1) * (x2 @ w3)) @ w2
+
+
+def _shared_bwd(d_out, x2, w1, w3, w2):
+    fc1, fc3 = x2 @ w1, x2 @ w3
+    ones = torch.ones(x2.shape[0], dtype=torch.float32, device=x2.device)
+    dx, _, g1, g3, g2 = expert_bwd(d_out, x2, fc1, fc3, ones, w1, w3, w2)
+    return dx, (g1, g3, g2)
+
+
+class MacroLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(fn_ctx, ctx: LayerCtx, x, *params):
+        ln1_w, wqkv, wo, ln2_w, router_w, w1, w3, w2, *shared = params
+        saved: dict[str, Any] = {}
+        attn_fwd = attention.sp_forward if ctx.attention == "sp" else attention.tp_forward
+        h = attn_fwd(ctx, x, ln1_w, wqkv, wo, saved)
+        B, L, H = h.shape
+        x2 = rmsnorm_fwd(h, ln2_w, ctx.eps).view(B * L, H)
+        probs, scores, ids, gates = moe.router_fwd(ctx, x2, router_w)
+        bal, coef_E = moe.balance_fwd(ctx, probs, ids)
+        ffn_fwd = moe.a2a_forward if ctx.ffn_mode == "ep_a2a" else moe.gathered_forward
+        out = ffn_fwd(ctx, x2, ids, gates, scores, w1, w3, w2, saved)
+        if shared:
+            out = out + _shared_fwd(x2, *shared)
+        saved.update(x=x, h=h, probs=probs, scores=scores, ids=ids, coef_E=coef_E)
+        fn_ctx.layer, fn_ctx.saved, fn_ctx.params = ctx, saved, params
+        ctx.stats = {
+            "dropped": saved["dropped"],
+            "expert_counts": saved["expert_counts"],
+            "retained_bytes": sum(saved[k].numel() * saved[k].element_size() for k in SAR_KEYS),
+        }
+        return h + out.view(B, L, H), bal
+
+    @staticmethod
+    def backward(fn_ctx, dy, d_bal):
+        ctx, s = fn_ctx.layer, fn_ctx.saved
+        ln1_w, wqkv, wo, ln2_w, router_w, w1, w3, w2, *shared = fn_ctx.params
+        h = s["h"]
+        B, L, H = h.shape
+        x2 = rmsnorm_fwd(h, ln2_w, ctx.eps).view(B * L, H)  # SAR: recompute the norm
+        d_out = dy.reshape(B * L, H)
+        ffn_bwd = moe.a2a_backward if ctx.ffn_mode == "ep_a2a" else moe.gathered_backward
+        d_x2, d_gates, expert_grads = ffn_bwd(ctx, d_out, x2, w1, w3, w2, s)
+        shared_grads: tuple = ()
+        if shared:
+            d_sx, shared_grads = _shared_bwd(d_out, x2, *shared)
+            d_x2 = d_x2 + d_sx
+        d_r, d_router = moe.router_bwd(
+            ctx, d_gates, d_bal, s["probs"], s["scores"], s["ids"], x2, router_w, s["coef_E"]
+        )
+        d_ln2, d_ln2_w = rmsnorm_bwd((d_x2 + d_r).view(B, L, H), h, ln2_w, ctx.eps)
+        d_h = dy + d_ln2
+        attn_bwd = attention.sp_backward if ctx.attention == "sp" else attention.tp_backward
+        dx, (d_ln1_w, d_wqkv, d_wo) = attn_bwd(ctx, d_h, s["x"], ln1_w, wqkv, wo, s)
+        fn_ctx.saved = None
+        grads = (d_ln1_w, d_wqkv, d_wo, d_ln2_w, d_router, *expert_grads, *shared_grads)
+        return (None, dx, *grads)

@@ -1,0 +1,152 @@
+"""Instrumented collectives: every collective of the trainer goes through here.
+
+Per collective kind (all_to_all, all_gather, reduce_scatter, all_reduce,
+send_recv) the recorder counts calls, bytes, wall seconds and exposed seconds,
+and per ``tag`` (what the data is: "attn_qkv", "ep_dispatch", "grad_sync", ...)
+it counts bytes, so tests can hold each operator to its closed-form volume.
+
+Bytes are what this rank puts on its links, the convention of PAPER.md's
+volumes: an all-to-all counts the rows sent to other ranks (not the part that
+stays local), an all-gather or reduce-scatter over n ranks counts (n - 1) / n
+of the full tensor (what a ring moves per rank), an all-reduce twice that.
+
+Wall seconds run from issue to completion; exposed seconds are the time the
+compute thread spent blocked waiting. A synchronous call is all exposed; an
+asynchronous one (``async_op=True``) returns a :class:`Pending` whose
+``wait()`` records only the blocked part, which is how overlap shows up.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+# torch 2.13 renamed the tensor forms; keep working on either name.
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+KINDS = ("all_to_all", "all_gather", "reduce_scatter", "all_reduce", "send_recv")
+
+
+@dataclass
+class KindStats:
+    calls: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    exposed_seconds: float = 0.0
+
+
+@dataclass
+class CommStats:
+    kinds: dict[str, KindStats] = field(default_factory=lambda: defaultdict(KindStats))
+    tags: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def to_dict(self) -> dict[str, dict[str, float]]:
+        return {k: vars(s).copy() for k, s in sorted(self.kinds.items())}
+
+    def merge(self, other: CommStats) -> None:
+        for kind, s in other.kinds.items():
+            mine = self.kinds[kind]
+            mine.calls += s.calls
+            mine.bytes += s.bytes
+            mine.seconds += s.seconds
+            mine.exposed_seconds += s.exposed_seconds
+        for tag, b in other.tags.items():
+            self.tags[tag] += b
+
+
+class Pending:
+    """An in-flight collective; ``wait()`` blocks and books the exposed time."""
+
+    def __init__(self, comm: Comm, kind: str, work, start: float, finish=None) -> None:
+        self.comm, self.kind, self.work, self.start, self.finish = comm, kind, work, start, finish
+
+    def wait(self):
+        blocked = time.perf_counter()
+        if self.work is not None:
+            self.work.wait()
+        done = time.perf_counter()
+        stats = self.comm.stats.kinds[self.kind]
+        stats.exposed_seconds += done - blocked
+        stats.seconds += done - self.start
+        return self.finish() if self.finish else None
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class Comm:
+    """Collectives over one process group, recorded into ``stats``."""
+
+    def __init__(self, group, rank: int, size: int) -> None:
+        self.group, self.rank, self.size = group, rank, size
+        self.stats = CommStats()
+
+    def _book(self, kind: str, tag: str, nbytes: int) -> float:
+        s = self.stats.kinds[kind]
+        s.calls += 1
+        s.bytes += nbytes
+        self.stats.tags[tag] += nbytes
+        return time.perf_counter()
+
+    def _run(self, kind, start, work, async_op, finish=None):
+        pending = Pending(self, kind, work, start, finish)
+        return pending if async_op else pending.wait()
+
+    def all_to_all(
+        self,
+        inp: torch.Tensor,
+        in_splits: list[int] | None,
+        out_splits: list[int] | None,
+        tag: str,
+        async_op: bool = False,
+    ):
+        """all_to_all_single along dim 0; splits in rows (None = equal). Returns the output."""
+        rows = inp.shape[0]
+        row_bytes = _nbytes(inp) // rows if rows else 0
+        sent_rows = (
+            (sum(in_splits) - in_splits[self.rank])
+            if in_splits
+            else rows * (self.size - 1) // self.size
+        )
+        out_rows = sum(out_splits) if out_splits else rows
+        out = inp.new_empty((out_rows, *inp.shape[1:]))
+        start = self._book("all_to_all", tag, sent_rows * row_bytes)
+        wire_in, wire_out = _wire(inp), _wire(out)
+        work = dist.all_to_all_single(
+            wire_out, wire_in, out_splits, in_splits, group=self.group, async_op=async_op
+        )
+        return self._run("all_to_all", start, work, async_op, finish=lambda: out)
+
+    def all_gather(self, inp: torch.Tensor, tag: str, async_op: bool = False):
+        """Concatenate every rank's ``inp`` along dim 0 (rank order)."""
+        out = inp.new_empty((inp.shape[0] * self.size, *inp.shape[1:]))
+        start = self._book("all_gather", tag, _nbytes(inp) * (self.size - 1))
+        work = _ALL_GATHER(_wire(out), _wire(inp.contiguous()), group=self.group, async_op=async_op)
+        return self._run("all_gather", start, work, async_op, finish=lambda: out)
+
+    def reduce_scatter(self, inp: torch.Tensor, tag: str, async_op: bool = False):
+        """Sum over ranks, rank r keeps rows [r * rows / n, (r + 1) * rows / n)."""
+        out = inp.new_empty((inp.shape[0] // self.size, *inp.shape[1:]))
+        start = self._book("reduce_scatter", tag, _nbytes(out) * (self.size - 1))
+        work = _REDUCE_SCATTER(out, inp.contiguous(), group=self.group, async_op=async_op)
+        return self._run("reduce_scatter", start, work, async_op, finish=lambda: out)
+
+    def all_reduce(self, tensor: torch.Tensor, tag: str, async_op: bool = False):
+        """In-place sum over ranks; returns the tensor."""
+        nbytes = 2 * _nbytes(tensor) * (self.size - 1) // self.size
+        start = self._book("all_reduce", tag, nbytes)
+        work = dist.all_reduce(tensor, group=self.group, async_op=async_op)
+        return self._run("all_reduce", start, work, async_op, finish=lambda: tensor)
+
+
+def _wire(t: torch.Tensor) -> torch.Tensor:
+    """float8 crosses gloo as uint8 (native float8 collectives fail there)."""
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return t.view(torch.uint8)
+    return t

@@ -1,0 +1,105 @@
+"""ParallelDims: the layout arithmetic and every process group.
+
+world = dp * pp * n with rank order n fastest, then pp, then dp:
+
+    rank = (dp_index * pp + pp_index) * n + n_index
+
+so the n ranks of one intra-node group (SP = EP = n) are consecutive, as on
+a machine with n GPUs per node. ``check_layout`` is pure arithmetic: it runs
+before any process group exists and names the numbers when it fails. No other
+module creates process groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trainer.config import Config
+from trainer.errors import ConfigError
+
+
+def check_layout(cfg: Config, nproc: int) -> None:
+    """Raise ConfigError naming the numbers if this layout cannot run on ``nproc`` ranks."""
+    m, p = cfg.model, cfg.parallel
+    problems = []
+    if nproc != 1 and p.world != nproc:
+        problems.append(
+            f"parallel.dp * parallel.pp * parallel.n = {p.dp} * {p.pp} * {p.n} = {p.world} "
+            f"but --nproc is {nproc}"
+        )
+    if m.experts % p.n:
+        problems.append(f"model.experts = {m.experts} is not divisible by parallel.n = {p.n}")
+    if nproc > 1:
+        if m.seq_len % p.n:
+            problems.append(f"model.seq_len = {m.seq_len} is not divisible by parallel.n = {p.n}")
+        if m.kv_heads % p.n:
+            problems.append(
+                f"model.kv_heads = {m.kv_heads} is not divisible by parallel.n = {p.n} "
+                "(attention shards whole kv heads)"
+            )
+        if p.ffn == "tp" and m.ffn_hidden % p.n:
+            problems.append(
+                f"model.ffn_hidden = {m.ffn_hidden} is not divisible by parallel.n = {p.n} "
+                "(parallel.ffn = tp splits every expert along h_ffn)"
+            )
+        if m.shared_experts and (m.shared_experts * m.shared_hidden) % p.n:
+            problems.append(
+                f"shared expert width {m.shared_experts * m.shared_hidden} is not divisible by "
+                f"parallel.n = {p.n}"
+            )
+        if p.dp > 1 or p.pp > 1:
+            problems.append(
+                f"parallel.dp = {p.dp}, parallel.pp = {p.pp}: data and pipeline parallelism "
+                "are not available in this build yet (use dp = pp = 1)"
+            )
+    if problems:
+        raise ConfigError("invalid parallel layout: " + "; ".join(problems))
+
+
+def resolve_ffn_mode(cfg: Config) -> str:
+    """``auto``: all-to-all when k < n (its volume 2k/n of AG/RS's), else all-gather/RS."""
+    mode = cfg.parallel.ffn
+    if mode != "auto":
+        return mode
+    return "ep_a2a" if cfg.model.topk < cfg.parallel.n else "ep_agrs"
+
+
+@dataclass
+class ParallelDims:
+    """Coordinates of this rank and the process groups of its layout."""
+
+    n: int
+    dp: int
+    pp: int
+    rank: int
+    world: int
+    n_group: object = None  # torch.distributed.ProcessGroup of the n ranks (SP = EP)
+
+    @property
+    def n_index(self) -> int:
+        return self.rank % self.n
+
+    @property
+    def pp_index(self) -> int:
+        return (self.rank // self.n) % self.pp
+
+    @property
+    def dp_index(self) -> int:
+        return self.rank // (self.n * self.pp)
+
+    @classmethod
+    def build(cls, cfg: Config, rank: int, world: int) -> ParallelDims:
+        """Create the groups (every rank must call this, in the same order)."""
+        import torch.distributed as dist
+
+        check_layout(cfg, world)
+        p = cfg.parallel
+        dims = cls(p.n, p.dp, p.pp, rank, world)
+        # new_group is collective: every rank creates every group, keeps its own.
+        for d in range(p.dp):
+            for s in range(p.pp):
+                base = (d * p.pp + s) * p.n
+                group = dist.new_group(list(range(base, base + p.n)))
+                if base <= rank < base + p.n:
+                    dims.n_group = group
+        return dims

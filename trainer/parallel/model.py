@@ -1,0 +1,192 @@
+"""The n-rank model: reference weights sharded onto one intra-node group.
+
+``ParallelMoE`` holds this rank's share of every parameter: replicated ones
+(embedding, norms, router, LM head, SP attention, shared experts) carry
+``megamoe_replicated = True`` and have their gradients summed over the n ranks
+after backward; sharded ones (TP attention heads, EP experts, TP expert
+slices) are this rank's alone. ``shard_from_reference`` copies a reference
+model's weights in, so both start identical and every gradient can be
+compared slice by slice (``reference_slice``).
+
+The residual stream is sequence-sharded in every mode: rank r holds tokens
+[r L, (r + 1) L) of every sequence, L = S / n.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.config import Config
+from trainer.model.layers import RMSNorm
+from trainer.model.transformer import MoETransformer
+from trainer.parallel.block import LayerCtx, MacroLayer
+from trainer.parallel.comm import Comm
+from trainer.parallel.dims import resolve_ffn_mode
+
+PARAM_NAMES = ("ln1_w", "wqkv", "wo", "ln2_w", "router_w", "w1", "w3", "w2")
+REF_NAMES = {
+    "ln1_w": "attn_norm.weight",
+    "wqkv": "attn.wqkv.weight",
+    "wo": "attn.wo.weight",
+    "ln2_w": "ffn_norm.weight",
+    "router_w": "ffn.router.weight",
+    "w1": "ffn.experts.w1",
+    "w3": "ffn.experts.w3",
+    "w2": "ffn.experts.w2",
+    "sw1": "ffn.shared.w1",
+    "sw3": "ffn.shared.w3",
+    "sw2": "ffn.shared.w2",
+}
+
+
+def layer_ctx(cfg: Config, comm: Comm, rank: int) -> LayerCtx:
+    m = cfg.model
+    return LayerCtx(
+        comm=comm, n=cfg.parallel.n, rank=rank, attention=cfg.parallel.attention,
+        ffn_mode=resolve_ffn_mode(cfg), seq_len=m.seq_len, heads=m.heads, kv_heads=m.kv_heads,
+        head_dim=m.head_dim, experts=m.experts, topk=m.topk, norm_topk=m.norm_topk,
+        capacity_factor=m.capacity_factor, balance_coef=m.balance_coef,
+        rope_theta=m.rope_theta, eps=m.norm_eps,
+    )  # fmt: skip
+
+
+class Slicer:
+    """Which part of a reference tensor a local parameter holds."""
+
+    def __init__(self, cfg: Config, ctx: LayerCtx) -> None:
+        self.cfg, self.ctx = cfg, ctx
+
+    def __call__(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        c, m = self.ctx, self.cfg.model
+        r, n, D = c.rank, c.n, m.head_dim
+        if name == "wqkv" and c.attention == "tp":
+            nl, gl = m.heads // n, m.kv_heads // n
+            q0, k0, v0 = (
+                r * nl * D,
+                m.heads * D + r * gl * D,
+                (m.heads + m.kv_heads) * D + r * gl * D,
+            )
+            return torch.cat(
+                [full[q0 : q0 + nl * D], full[k0 : k0 + gl * D], full[v0 : v0 + gl * D]]
+            )
+        if name == "wo" and c.attention == "tp":
+            nl = m.heads // n
+            return full[:, r * nl * D : (r + 1) * nl * D]
+        if name in ("w1", "w3", "w2"):
+            if c.ffn_mode == "tp":
+                fl = m.ffn_hidden // n
+                return (
+                    full[..., r * fl : (r + 1) * fl]
+                    if name != "w2"
+                    else full[:, r * fl : (r + 1) * fl]
+                )
+            el = m.experts // n
+            return full[r * el : (r + 1) * el]
+        return full
+
+    def replicated(self, name: str) -> bool:
+        c = self.ctx
+        if name in ("wqkv", "wo"):
+            return c.attention == "sp"
+        return name not in ("w1", "w3", "w2")
+
+
+class ParallelBlock(nn.Module):
+    def __init__(self, cfg: Config, ctx: LayerCtx, ref_block: nn.Module) -> None:
+        super().__init__()
+        self.ctx = ctx
+        slicer = Slicer(cfg, ctx)
+        ref = dict(ref_block.named_parameters())
+        self.names = [p for p in (*PARAM_NAMES, "sw1", "sw3", "sw2") if REF_NAMES[p] in ref]
+        for name in self.names:
+            local = nn.Parameter(slicer(name, ref[REF_NAMES[name]].detach()).clone())
+            local.megamoe_replicated = slicer.replicated(name)
+            local.megamoe_ref = REF_NAMES[name]
+            self.register_parameter(name, local)
+
+    def forward(self, x_BLH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return MacroLayer.apply(self.ctx, x_BLH, *(getattr(self, n) for n in self.names))
+
+
+class ParallelMoE(nn.Module):
+    """This rank's share of the model; forward takes this rank's sequence shard."""
+
+    def __init__(self, cfg: Config, comm: Comm, rank: int, reference: MoETransformer) -> None:
+        super().__init__()
+        self.cfg, self.comm = cfg, comm
+        m = cfg.model
+        self.ctx = layer_ctx(cfg, comm, rank)
+        self.embed = nn.Embedding(m.vocab_size, m.hidden)
+        self.final_norm = RMSNorm(m.hidden, m.norm_eps)
+        self.head = nn.Linear(m.hidden, m.vocab_size, bias=False)
+        for mod, ref in ((self.embed, reference.embed), (self.final_norm, reference.final_norm),
+                         (self.head, reference.head)):  # fmt: skip
+            mod.load_state_dict(ref.state_dict())
+        self.blocks = nn.ModuleList(ParallelBlock(cfg, self.ctx, b) for b in reference.blocks)
+        for name, p in self.named_parameters():
+            if not hasattr(p, "megamoe_replicated"):
+                p.megamoe_replicated = True
+                p.megamoe_ref = name
+
+    def forward(self, tokens_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        x = self.embed(tokens_BL)
+        bal_total = x.new_zeros((), dtype=torch.float32)
+        dropped = retained = 0
+        for block in self.blocks:
+            x, bal = block(x)
+            bal_total = bal_total + bal
+            dropped += self.ctx.stats["dropped"]
+            retained += self.ctx.stats["retained_bytes"]
+        logits = self.head(self.final_norm(x))
+        return logits, bal_total, {"dropped": dropped, "retained_bytes": retained}
+
+    def local_loss(self, logits_BLV: torch.Tensor, targets_BL: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the batch-mean cross entropy (sums to it over the n ranks)."""
+        total_tokens = targets_BL.numel() * self.cfg.parallel.n
+        ce = F.cross_entropy(
+            logits_BLV.float().flatten(0, 1), targets_BL.flatten(), reduction="sum"
+        )
+        return ce / total_tokens
+
+
+def build_parallel_model(cfg: Config, comm: Comm, rank: int, device: torch.device) -> ParallelMoE:
+    """Build the reference from train.seed (identical on every rank), then take our share."""
+    torch.manual_seed(cfg.train.seed)
+    reference = MoETransformer(cfg.model, groups=cfg.parallel.n)
+    return ParallelMoE(cfg, comm, rank, reference).to(device)
+
+
+def replicated_params(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.megamoe_replicated]
+
+
+def sync_replicated_grads(model: nn.Module, comm: Comm) -> None:
+    """Sum the gradients of replicated parameters over the n ranks (one flat all-reduce)."""
+    params = [p for p in replicated_params(model) if p.grad is not None]
+    if not params:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    comm.all_reduce(flat, "grad_sync")
+    offset = 0
+    for p in params:
+        numel = p.grad.numel()
+        p.grad.copy_(flat[offset : offset + numel].view_as(p.grad))
+        offset += numel
+
+
+def global_grad_norm(model: nn.Module, comm: Comm) -> torch.Tensor:
+    """L2 norm of the whole model's gradient: sharded parts summed over ranks, replicated once."""
+    sharded = replicated = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        sq = p.grad.double().pow(2).sum()
+        if p.megamoe_replicated:
+            replicated = replicated + sq
+        else:
+            sharded = sharded + sq
+    total = sharded + replicated / comm.size
+    comm.all_reduce(total, "grad_norm")
+    return total.sqrt()

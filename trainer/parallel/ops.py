@@ -1,0 +1,159 @@
+"""Hand-written forward and backward of the operators inside one MoE layer.
+
+The macro module (``block.py``) runs without autograd inside the layer, so it
+needs each operator as a pair of plain functions: ``*_fwd`` returns what the
+next operator needs, ``*_bwd`` takes the output gradient and the kept (or
+recomputed) inputs. Each pair is checked against autograd on the reference
+modules in the tests.
+
+Shape legend: B batch, S sequence (full), L local sequence, H hidden,
+N query heads, G kv heads, D head dim, A assignment rows, F expert hidden,
+E experts, T tokens, k top-k.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from trainer.model.layers import rope_tables
+
+
+def linear_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
+    """y = x @ w.T: returns (dx, dw) with the leading dims of x and dy flattened for dw."""
+    dx = dy @ w
+    dw = dy.reshape(-1, dy.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+    return dx, dw
+
+
+def rmsnorm_fwd(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype)
+
+
+def rmsnorm_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, eps: float):
+    """d/dx and d/dw of x * rsqrt(mean(x^2) + eps) * w."""
+    x32, dy32 = x.float(), dy.float()
+    r = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    xhat = x32 * r
+    dw = (dy32 * xhat).reshape(-1, x.shape[-1]).sum(0)
+    g = dy32 * w.float()
+    dx = r * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+    return dx.to(x.dtype), dw.to(w.dtype)
+
+
+def rope(x_BSND: torch.Tensor, positions: torch.Tensor, theta: float, inverse: bool = False):
+    """Rotate by the positions' angles; ``inverse`` rotates back (RoPE's backward)."""
+    cos, sin = rope_tables(positions, x_BSND.shape[-1], theta)
+    cos, sin = cos.to(x_BSND.device), sin.to(x_BSND.device)
+    if inverse:
+        sin = -sin
+    half = x_BSND.shape[-1] // 2
+    rotated = torch.cat([-x_BSND[..., half:], x_BSND[..., :half]], dim=-1)
+    return x_BSND * cos[None, :, None, :].to(x_BSND.dtype) + rotated * sin[None, :, None, :].to(
+        x_BSND.dtype
+    )
+
+
+def _expand_kv(t_BGSD: torch.Tensor, group: int) -> torch.Tensor:
+    return t_BGSD if group == 1 else t_BGSD.repeat_interleave(group, dim=1)
+
+
+def _fold_kv(d_BNSD: torch.Tensor, group: int) -> torch.Tensor:
+    if group == 1:
+        return d_BNSD
+    B, N, S, D = d_BNSD.shape
+    return d_BNSD.view(B, N // group, group, S, D).sum(2)
+
+
+def _flash_ok(q: torch.Tensor) -> bool:
+    if q.device.type == "cpu":
+        return True
+    return q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def attention_fwd(q_BNSD, k_BGSD, v_BGSD):
+    """Causal attention; returns (out_BNSD, logsumexp_BNS), the stats backward needs."""
+    group = q_BNSD.shape[1] // k_BGSD.shape[1]
+    k, v = _expand_kv(k_BGSD, group), _expand_kv(v_BGSD, group)
+    if q_BNSD.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q_BNSD, k, v, 0.0, True)
+    if _flash_ok(q_BNSD):
+        out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(q_BNSD, k, v, 0.0, True)
+        return out, lse
+    return _math_attention_fwd(q_BNSD, k, v)
+
+
+def attention_bwd(d_out, q_BNSD, k_BGSD, v_BGSD, out, lse):
+    """Gradients (dq, dk, dv) from the kept q, k, v, output and logsumexp."""
+    group = q_BNSD.shape[1] // k_BGSD.shape[1]
+    k, v = _expand_kv(k_BGSD, group), _expand_kv(v_BGSD, group)
+    if q_BNSD.device.type == "cpu":
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            d_out.contiguous(), q_BNSD, k, v, out, lse, 0.0, True
+        )
+    elif _flash_ok(q_BNSD):
+        S = q_BNSD.shape[2]
+        empty = torch.empty(0, device=q_BNSD.device)
+        zero = torch.zeros((), dtype=torch.int64, device=q_BNSD.device)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            d_out.contiguous(), q_BNSD, k, v, out, lse, empty, empty, S, S, 0.0, True, zero, zero
+        )
+    else:
+        dq, dk, dv = _math_attention_bwd(d_out, q_BNSD, k, v, out, lse)
+    return dq, _fold_kv(dk, group), _fold_kv(dv, group)
+
+
+def _scores(q, k):
+    S = q.shape[2]
+    s = (q.float() @ k.float().transpose(-1, -2)) / q.shape[-1] ** 0.5
+    mask = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+    return s.masked_fill(~mask, float("-inf"))
+
+
+def _math_attention_fwd(q, k, v):
+    """Fallback (e.g. fp32 on CUDA): explicit softmax, O(S^2) memory."""
+    s = _scores(q, k)
+    lse = torch.logsumexp(s, dim=-1)
+    out = (torch.exp(s - lse[..., None]) @ v.float()).to(q.dtype)
+    return out, lse
+
+
+def _math_attention_bwd(d_out, q, k, v, out, lse):
+    p = torch.exp(_scores(q, k) - lse[..., None])
+    d_out32 = d_out.float()
+    dv = p.transpose(-1, -2) @ d_out32
+    dp = d_out32 @ v.float().transpose(-1, -2)
+    ds = p * (dp - (d_out32 * out.float()).sum(-1, keepdim=True))
+    scale = q.shape[-1] ** -0.5
+    dq = (ds @ k.float()) * scale
+    dk = (ds.transpose(-1, -2) @ q.float()) * scale
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def swiglu_fwd(x_AH, w1_HF, w3_HF):
+    """FC1 and FC3 of one expert: the outputs SAR keeps."""
+    return x_AH @ w1_HF, x_AH @ w3_HF
+
+
+def swiglu_act(fc1, fc3, gate_A):
+    """The FC2 input: silu(fc1) * fc3 * gate (gate before FC2, as the paper moves it)."""
+    return F.silu(fc1) * fc3 * gate_A[:, None].to(fc1.dtype)
+
+
+def expert_bwd(dy_AH, x_AH, fc1, fc3, gate_A, w1, w3, w2):
+    """Backward of fc2(silu(fc1) * fc3 * gate) for one expert's rows.
+
+    Returns (dx, dgate, dw1, dw3, dw2); the activation is recomputed here.
+    """
+    sig = torch.sigmoid(fc1)
+    act = fc1 * sig * fc3  # silu(fc1) * fc3
+    gate = gate_A[:, None].to(fc1.dtype)
+    dw2 = (act * gate).T @ dy_AH
+    d_in = dy_AH @ w2.T
+    dgate = (d_in * act).sum(-1)
+    d_act = d_in * gate
+    d_fc3 = d_act * fc1 * sig
+    d_fc1 = d_act * fc3 * sig * (1 + fc1 * (1 - sig))
+    dx = d_fc1 @ w1.T + d_fc3 @ w3.T
+    return dx, dgate, x_AH.T @ d_fc1, x_AH.T @ d_fc3, dw2
