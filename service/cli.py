@@ -42,14 +42,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, args.overrides)
     if args.nproc < 1:
         raise MegamoeError(f"--nproc = {args.nproc} must be >= 1")
-    if args.nproc > 1:
-        raise MegamoeError(
-            f"--nproc {args.nproc}: multi-process training is not available in this build yet; "
-            "run with --nproc 1 (the single-device reference of the configured layout)"
-        )
-    from trainer.train import train
+    if args.nproc == 1:
+        from trainer.train import train
 
-    train(cfg, summary_path=args.summary_json)
+        train(cfg, summary_path=args.summary_json)
+    else:
+        from trainer.parallel.launch import launch
+
+        launch(cfg, args.nproc, args.summary_json)
     return 0
 
 

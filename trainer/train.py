@@ -117,14 +117,15 @@ def train_step(
 
 
 def _micro_batches(
-    data: TokenData, sampler: BatchSampler, cfg: Config, device: torch.device
+    data: TokenData, sampler: BatchSampler, cfg: Config, device: torch.device, shard: slice
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This step's micro-batches; ``shard`` selects this rank's part of each sequence."""
     starts = sampler.next_starts()
     micro = cfg.train.micro
     out = []
     for i in range(0, len(starts), micro):
         x, y = batch_from_starts(data.tokens, starts[i : i + micro], cfg.model.seq_len)
-        out.append((x.to(device), y.to(device)))
+        out.append((x[:, shard].to(device), y[:, shard].to(device)))
     return out
 
 
@@ -134,13 +135,18 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def describe(cfg: Config, data: TokenData, device: torch.device) -> str:
-    m, t = cfg.model, cfg.train
+def describe(cfg: Config, data: TokenData, device: torch.device, world: int = 1) -> str:
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+    layout = (
+        f"reference of n={p.n} (router groups {p.n})"
+        if world == 1
+        else f"{world} ranks: n={p.n} attention={p.attention} ffn={p.ffn}"
+    )
     return (
         f"megamoe: {total_params(m) / 1e6:.2f}M parameters "
         f"({activated_gemm_params(m) / 1e6:.2f}M activated GEMM), {m.layers} layers, "
-        f"{m.experts} experts top-{m.topk}, router groups {cfg.parallel.n}; "
-        f"{device.type} ({torch.get_num_threads()} threads), {t.dtype}; "
+        f"{m.experts} experts top-{m.topk}; {layout}; "
+        f"{device.type} ({torch.get_num_threads()} threads per rank), {t.dtype}; "
         f"data {cfg.data.path}: {data.num_tokens:,} tokens ({data.tokenizer_name}); "
         f"{t.steps} steps x {t.global_batch} x {m.seq_len} tokens"
     )
@@ -157,23 +163,57 @@ def unbuilt_notes(cfg: Config) -> list[str]:
 
 
 def train(cfg: Config, summary_path: str | None = None, out: TextIO = sys.stdout) -> dict[str, Any]:
-    """Train in one process (the single-device reference of the configured layout)."""
+    """Train in one process: the single-device reference of the configured layout."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
+    peak = peak_flops(device, cfg.train.dtype, cfg.observe.peak_tflops)
+    return run(cfg, Worker(rank=0, world=1, device=device, peak_flops=peak), summary_path, out)
+
+
+@dataclass
+class Worker:
+    """Where this process sits: rank, world size, device, and the run's total peak FLOP/s."""
+
+    rank: int
+    world: int
+    device: torch.device
+    peak_flops: float
+    comm: Any = None  # trainer.parallel.comm.Comm of the n group when world > 1
+
+
+def _build_step(cfg: Config, w: Worker):
+    """Optimizer, step function and sequence shard for the reference or the parallel layout."""
+    if w.world == 1:
+        model = build_model(cfg, w.device)
+        optimizer = build_optimizer(model, cfg.train)
+        return optimizer, lambda batches: train_step(model, optimizer, batches, cfg), slice(None)
+    from trainer.parallel.model import build_parallel_model
+    from trainer.parallel.step import parallel_train_step
+
+    model = build_parallel_model(cfg, w.comm, w.rank, w.device)
+    optimizer = build_optimizer(model, cfg.train)
+    L = cfg.model.seq_len // cfg.parallel.n
+    shard = slice(w.rank % cfg.parallel.n * L, (w.rank % cfg.parallel.n + 1) * L)
+    step = lambda batches: parallel_train_step(model, optimizer, batches, cfg, w.comm)  # noqa: E731
+    return optimizer, step, shard
+
+
+def run(cfg: Config, w: Worker, summary_path: str | None, out: TextIO) -> dict[str, Any]:
+    """The training loop, the same for one process and for each of N ranks."""
     data = open_data(cfg)
     sampler = BatchSampler(
         data.num_tokens, cfg.model.seq_len, cfg.train.global_batch, cfg.train.seed
     )
-    model = build_model(cfg, device)
-    optimizer = build_optimizer(model, cfg.train)
-    print(describe(cfg, data, device), file=out, flush=True)
-    for note in unbuilt_notes(cfg):
-        print(f"note: {note}", file=out, flush=True)
+    optimizer, step_fn, shard = _build_step(cfg, w)
+    if w.rank == 0:
+        print(describe(cfg, data, w.device, w.world), file=out, flush=True)
+        for note in unbuilt_notes(cfg):
+            print(f"note: {note}", file=out, flush=True)
     log = RunLog(
         total_steps=cfg.train.steps,
         flops_per_token=flops_per_token(cfg.model),
-        peak_flops=peak_flops(device, cfg.train.dtype, cfg.observe.peak_tflops),
+        peak_flops=w.peak_flops,
         log_interval=cfg.observe.log_interval,
         out=out,
     )
@@ -182,10 +222,11 @@ def train(cfg: Config, summary_path: str | None = None, out: TextIO = sys.stdout
     for step in range(1, cfg.train.steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg.train)
+        batches = _micro_batches(data, sampler, cfg, w.device, shard)
         start = time.perf_counter()
-        result = train_step(model, optimizer, _micro_batches(data, sampler, cfg, device), cfg)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        result = step_fn(batches)
+        if w.device.type == "cuda":
+            torch.cuda.synchronize(w.device)
         seconds = time.perf_counter() - start
         log.add(
             StepRecord(
@@ -195,15 +236,32 @@ def train(cfg: Config, summary_path: str | None = None, out: TextIO = sys.stdout
         )  # fmt: skip
     summary = log.summary(
         wall_s=time.perf_counter() - wall_start,
-        peak_memory_bytes=peak_memory_bytes(device),
-        layout={**cfg.to_dict()["parallel"], "nproc": 1, "world": 1, "mode": "reference"},
-        comm={},  # filled by the instrumented collectives of multi-rank runs
-        device=str(device),
+        peak_memory_bytes=peak_memory_bytes(w.device),
+        layout=_layout(cfg, w),
+        comm=w.comm.stats.to_dict() if w.comm else {},
+        comm_bytes_by_tag=dict(sorted(w.comm.stats.tags.items())) if w.comm else {},
+        device=str(w.device),
         dtype=cfg.train.dtype,
         data={"path": cfg.data.path, "tokens": data.num_tokens, "tokenizer": data.tokenizer_name},
         sampler=sampler.state_dict(),
         config=cfg.to_dict(),
     )
+    if w.rank == 0:
+        _print_done(summary, out)
+        if summary_path:
+            write_json(summary_path, summary)
+    return summary
+
+
+def _layout(cfg: Config, w: Worker) -> dict[str, Any]:
+    from trainer.parallel.dims import resolve_ffn_mode
+
+    mode = "reference" if w.world == 1 else "parallel"
+    return {**cfg.to_dict()["parallel"], "ffn_resolved": resolve_ffn_mode(cfg), "nproc": w.world,
+            "world": w.world, "mode": mode}  # fmt: skip
+
+
+def _print_done(summary: dict[str, Any], out: TextIO) -> None:
     first, final = summary["losses"][0], summary["final_loss"]
     print(
         f"done: {summary['steps']} steps in {summary['wall_s']:.1f} s, loss {first:.4f} -> "
@@ -212,9 +270,6 @@ def train(cfg: Config, summary_path: str | None = None, out: TextIO = sys.stdout
         file=out,
         flush=True,
     )
-    if summary_path:
-        write_json(summary_path, summary)
-    return summary
 
 
 def write_json(path: str | Path, obj: Any) -> None:

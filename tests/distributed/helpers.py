@@ -36,3 +36,37 @@ def run_ranks(world: int, fn, *args) -> list:
             _entry, args=(world, free_port(), out_dir, fn, args), nprocs=world, start_method="spawn"
         )
         return [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(world)]
+
+
+SMALL = [
+    "model.vocab_size=64", "model.hidden=32", "model.heads=8", "model.kv_heads=4",
+    "model.seq_len=16", "model.ffn_hidden=32", "model.experts=8", "model.layers=2",
+]  # fmt: skip
+
+
+def small_config(world: int, *overrides: str):
+    from trainer.config import Config, apply_overrides
+
+    return apply_overrides(Config(), [*SMALL, f"parallel.n={world}", *overrides])
+
+
+def reference_and_parallel(cfg, rank: int, world: int, batch: int = 2, forced: bool = False):
+    """The reference model (full batch, loss + backward done) and this rank's parallel copy."""
+    from trainer.model import MoETransformer, lm_loss
+    from trainer.parallel.comm import Comm
+    from trainer.parallel.model import ParallelMoE
+
+    torch.manual_seed(cfg.train.seed)
+    ref = MoETransformer(cfg.model, groups=world)
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, cfg.model.vocab_size, (batch, cfg.model.seq_len + 1), generator=g)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    logits, stats = ref(inputs)
+    ref_loss = lm_loss(logits, targets)
+    (ref_loss + stats.balance_loss).backward()
+    comm = Comm(dist.group.WORLD, rank, world)
+    model = ParallelMoE(cfg, comm, rank, ref)
+    model.ctx.forced_routing = forced
+    L = cfg.model.seq_len // world
+    shard = slice(rank * L, (rank + 1) * L)
+    return ref, ref_loss, stats, model, comm, inputs[:, shard], targets[:, shard]

@@ -70,7 +70,7 @@ def test_reference_with_router_groups_and_dropping(demo_data, tmp_path):
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     s = json.loads(summary_path.read_text())
-    assert s["layout"]["n"] == 4 and "router groups 4" in res.stdout
+    assert s["layout"]["n"] == 4 and "reference of n=4" in res.stdout
     assert s["dropped_tokens"] > 0  # an untrained router is unbalanced: capacity 1.0 drops
 
 

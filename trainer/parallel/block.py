@@ -54,6 +54,7 @@ class LayerCtx:
     balance_coef: float
     rope_theta: float
     eps: float
+    forced_routing: bool = False  # balanced fixed routing, for benchmarks and volume tests
     stats: dict[str, Any] = field(default_factory=dict)
 
     def local_positions(self, L: int) -> torch.Tensor:

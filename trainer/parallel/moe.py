@@ -37,7 +37,14 @@ from trainer.parallel.ops import expert_bwd, swiglu_act, swiglu_fwd
 
 def router_fwd(ctx, x2, router_w):
     probs = torch.softmax((x2 @ router_w.T).float(), dim=-1)
-    scores, ids = torch.topk(probs, ctx.topk, dim=-1)
+    if ctx.forced_routing:
+        # Benchmarks and volume tests: a fixed, perfectly balanced assignment
+        # (slot j of global token t -> expert (t k + j) mod E); gradients still flow.
+        slots = ctx.global_slots(x2.shape[0], ctx.topk).to(x2.device)
+        ids = (slots % ctx.experts).view(-1, ctx.topk)
+        scores = probs.gather(1, ids)
+    else:
+        scores, ids = torch.topk(probs, ctx.topk, dim=-1)
     gates = scores / scores.sum(-1, keepdim=True) if ctx.norm_topk else scores
     return probs, scores, ids, gates
 
