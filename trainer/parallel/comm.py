@@ -66,7 +66,8 @@ class Pending:
         self.comm, self.kind, self.work, self.start, self.finish = comm, kind, work, start, finish
 
     def wait(self):
-        blocked = time.perf_counter()
+        # A synchronous call blocked the compute thread from its issue on.
+        blocked = time.perf_counter() if self.work is not None else self.start
         if self.work is not None:
             self.work.wait()
         done = time.perf_counter()
