@@ -157,6 +157,12 @@ def unbuilt_notes(cfg: Config) -> list[str]:
     notes = []
     if cfg.checkpoint.interval or cfg.checkpoint.dir:
         notes.append("checkpoint.* is set but checkpointing is not available yet: no checkpoints")
+    c = cfg.comm
+    if c.overlap or c.chunks > 1 or c.fp8 or c.grad_sync != "fp32_rs":
+        notes.append(
+            "comm.overlap / comm.chunks / comm.fp8 / comm.grad_sync are set but overlap, "
+            "chunking and compressed communication are not available yet: plain fp32 collectives"
+        )
     if cfg.observe.metrics_port:
         notes.append("observe.metrics_port is set but the Prometheus exporter is not available yet")
     return notes

@@ -17,7 +17,9 @@ import io
 import os
 import socket
 import sys
+import tempfile
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -101,3 +103,31 @@ def launch(cfg: Config, nproc: int, summary_path: str | None) -> None:
             f"rank {exc.error_index} exited with code {exc.exit_code}"
             + (f" (signal {exc.signal_name})" if exc.signal_name else "")
         ) from None
+
+
+def _run_local_entry(rank, world, port, out_dir, threads, fn, args):
+    torch.set_num_threads(threads)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=INIT_TIMEOUT,
+    )  # fmt: skip
+    try:
+        torch.save(fn(rank, world, *args), Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_local(world: int, fn, *args, threads: int = 1) -> list:
+    """Run ``fn(rank, world, *args)`` on ``world`` fresh gloo ranks; results by rank.
+
+    For tests and benchmarks: ``fn`` must be importable (a module-level function)
+    and return something ``torch.save`` can store.
+    """
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.start_processes(
+            _run_local_entry,
+            args=(world, _free_port(), out_dir, threads, fn, args),
+            nprocs=world,
+            start_method="spawn",
+        )
+        return [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(world)]

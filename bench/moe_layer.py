@@ -1,0 +1,133 @@
+"""Forward + backward of one expert-parallel MoE layer alone, against this machine's GEMM roofline.
+
+    python bench/moe_layer.py --hidden 512 --ffn 1024 --experts 8 --topk 2 --tokens 4096 \\
+        --ep 2 --dtype fp32 [--mode ep_a2a|ep_agrs] [--capacity-factor 0] [--warmup 3] \\
+        [--steps 10] [--threads 1] [--json FILE]
+
+``--tokens`` is tokens per rank. Each of the ``--ep`` local gloo ranks routes
+its tokens (top-k softmax router), dispatches them to the rank holding each
+expert, runs the grouped SwiGLU GEMMs, combines, then runs the hand-written
+backward of all of it (the macro module's MoE half, SAR recomputation
+included). Reported: the median over steps of the slowest rank's step time,
+and the roofline - the time this machine's GEMMs need for the same FLOPs at
+the same shapes, measured by a probe on every rank at once in the same run -
+as a ratio (roofline / measured = the share of GEMM speed the layer reaches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.distributed as dist
+
+from trainer.parallel import moe
+from trainer.parallel.block import LayerCtx
+from trainer.parallel.comm import Comm
+from trainer.parallel.launch import run_local
+
+
+def _ctx(comm, rank, world, a):
+    return LayerCtx(
+        comm=comm, n=world, rank=rank, attention="sp", ffn_mode=a.mode, seq_len=a.tokens * world,
+        heads=world, kv_heads=world, head_dim=1, experts=a.experts, topk=a.topk, norm_topk=False,
+        capacity_factor=a.capacity_factor, balance_coef=0.01, rope_theta=1e4, eps=1e-5,
+    )  # fmt: skip
+
+
+def _layer_step(ctx, x, router_w, w1, w3, w2):
+    """One forward + backward of the MoE half; returns the dropped row count."""
+    saved = {}
+    probs, scores, ids, gates = moe.router_fwd(ctx, x, router_w)
+    _, coef = moe.balance_fwd(ctx, probs, ids)
+    fwd = moe.a2a_forward if ctx.ffn_mode == "ep_a2a" else moe.gathered_forward
+    bwd = moe.a2a_backward if ctx.ffn_mode == "ep_a2a" else moe.gathered_backward
+    out = fwd(ctx, x, ids, gates, scores, w1, w3, w2, saved)
+    _, d_gates, _ = bwd(ctx, torch.ones_like(out), x, w1, w3, w2, saved)
+    moe.router_bwd(ctx, d_gates, 1.0, probs, scores, ids, x, router_w, coef)
+    return saved["dropped"]
+
+
+def _probe(rows, h, f, dtype, repeats):
+    """Seconds per FLOP of this layer's GEMM shapes: [rows, h] x [h, f] and [rows, f] x [f, h]."""
+    a, b = torch.randn(rows, h, dtype=dtype), torch.randn(h, f, dtype=dtype)
+    c, d = torch.randn(rows, f, dtype=dtype), torch.randn(f, h, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        a @ b
+        c @ d
+        best = min(best, time.perf_counter() - start)
+    return best / (4 * rows * h * f)
+
+
+def _run(rank, world, a):
+    torch.manual_seed(rank)
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    comm = Comm(dist.group.WORLD, rank, world)
+    ctx = _ctx(comm, rank, world, a)
+    el = a.experts // world
+    x = torch.randn(a.tokens, a.hidden, dtype=dtype)
+    router_w = torch.randn(a.experts, a.hidden, dtype=dtype) * 0.02
+    w1, w3 = (torch.randn(el, a.hidden, a.ffn, dtype=dtype) * 0.02 for _ in range(2))
+    w2 = torch.randn(el, a.ffn, a.hidden, dtype=dtype) * 0.02
+    times, dropped = [], 0
+    for step in range(a.warmup + a.steps):
+        dist.barrier()
+        start = time.perf_counter()
+        dropped = _layer_step(ctx, x, router_w, w1, w3, w2)
+        if step >= a.warmup:
+            times.append(time.perf_counter() - start)
+    # Balanced routing gives each local expert tokens * topk / experts_per_rank rows.
+    sec_per_flop = _probe(a.tokens * a.topk // el, a.hidden, a.ffn, dtype, repeats=5)
+    return {"times": times, "sec_per_flop": sec_per_flop, "dropped": dropped}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for flag, default in (("--hidden", 512), ("--ffn", 1024), ("--experts", 8), ("--topk", 2),
+                          ("--tokens", 4096), ("--ep", 2), ("--warmup", 3), ("--steps", 10),
+                          ("--threads", 1)):  # fmt: skip
+        p.add_argument(flag, type=int, default=default)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--mode", choices=["ep_a2a", "ep_agrs"], default="ep_a2a")
+    p.add_argument("--capacity-factor", type=float, default=0.0)
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    if a.experts % a.ep:
+        p.error(f"--experts {a.experts} must be divisible by --ep {a.ep}")
+    ranks = run_local(a.ep, _run, a, threads=a.threads)
+    slowest = [max(r["times"][i] for r in ranks) for i in range(a.steps)]
+    step_s = statistics.median(slowest)
+    # Expert GEMMs: 3 per row forward (FC1, FC3, FC2), 6 backward, 2 h f FLOPs each.
+    flops_per_rank = 18 * a.tokens * a.topk * a.hidden * a.ffn
+    roofline_s = flops_per_rank * max(r["sec_per_flop"] for r in ranks)
+    result = {
+        "args": vars(a),
+        "step_s": step_s,
+        "roofline_s": roofline_s,
+        "roofline_ratio": roofline_s / step_s,
+        "tflops_per_rank": flops_per_rank / step_s / 1e12,
+        "dropped_rows_last_step": sum(r["dropped"] for r in ranks),
+        "step_times_s": slowest,
+    }
+    print(
+        f"{a.mode} ep={a.ep} {a.dtype}: step {step_s * 1e3:.1f} ms (median, slowest rank), "
+        f"GEMM roofline {roofline_s * 1e3:.1f} ms -> {100 * result['roofline_ratio']:.1f} % of "
+        f"roofline, {result['tflops_per_rank'] * 1e3:.1f} GFLOP/s per rank"
+    )
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
