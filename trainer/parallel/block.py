@@ -104,6 +104,13 @@ class MacroLayer(torch.autograd.Function):
             out = out + _shared_fwd(x2, *shared)
         saved.update(x=x, h=h, probs=probs, scores=scores, ids=ids, coef_E=coef_E)
         fn_ctx.layer, fn_ctx.saved, fn_ctx.params = ctx, saved, params
+        # Backward runs outside the caller's autocast; replay the forward's state.
+        device = x.device.type
+        fn_ctx.autocast = (
+            device,
+            torch.is_autocast_enabled(device),
+            torch.get_autocast_dtype(device),
+        )
         ctx.stats = {
             "dropped": saved["dropped"],
             "expert_counts": saved["expert_counts"],
@@ -113,6 +120,12 @@ class MacroLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(fn_ctx, dy, d_bal):
+        device, enabled, dtype = fn_ctx.autocast
+        with torch.autocast(device, dtype, enabled=enabled):
+            return MacroLayer._backward(fn_ctx, dy, d_bal)
+
+    @staticmethod
+    def _backward(fn_ctx, dy, d_bal):
         ctx, s = fn_ctx.layer, fn_ctx.saved
         ln1_w, wqkv, wo, ln2_w, router_w, w1, w3, w2, *shared = fn_ctx.params
         h = s["h"]
