@@ -245,6 +245,7 @@ def run(cfg: Config, w: Worker, summary_path: str | None, out: TextIO) -> dict[s
         peak_memory_bytes=peak_memory_bytes(w.device),
         layout=_layout(cfg, w),
         comm=w.comm.stats.to_dict() if w.comm else {},
+        comm_per_step=w.comm.stats.per_step(cfg.train.steps) if w.comm else {},
         comm_bytes_by_tag=dict(sorted(w.comm.stats.tags.items())) if w.comm else {},
         device=str(w.device),
         dtype=cfg.train.dtype,

@@ -29,8 +29,6 @@ import torch.distributed as dist
 _ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
-KINDS = ("all_to_all", "all_gather", "reduce_scatter", "all_reduce", "send_recv")
-
 
 @dataclass
 class KindStats:
@@ -48,15 +46,8 @@ class CommStats:
     def to_dict(self) -> dict[str, dict[str, float]]:
         return {k: vars(s).copy() for k, s in sorted(self.kinds.items())}
 
-    def merge(self, other: CommStats) -> None:
-        for kind, s in other.kinds.items():
-            mine = self.kinds[kind]
-            mine.calls += s.calls
-            mine.bytes += s.bytes
-            mine.seconds += s.seconds
-            mine.exposed_seconds += s.exposed_seconds
-        for tag, b in other.tags.items():
-            self.tags[tag] += b
+    def per_step(self, steps: int) -> dict[str, dict[str, float]]:
+        return {k: {f: v / steps for f, v in s.items()} for k, s in self.to_dict().items()}
 
 
 class Pending:
