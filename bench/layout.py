@@ -26,11 +26,11 @@ import torch
 import torch.distributed as dist
 
 from trainer.config import Config, apply_overrides
-from trainer.parallel.comm import Comm
-from trainer.parallel.launch import run_local
+from trainer.parallel.dims import ParallelDims
+from trainer.parallel.launch import build_comms, run_local
 from trainer.parallel.model import build_parallel_model
 from trainer.parallel.step import parallel_train_step
-from trainer.train import build_optimizer
+from trainer.parallel.zero import ZeroOptimizer
 
 LAYOUTS = [("tp", "tp"), ("sp", "tp"), ("tp", "ep_a2a"), ("sp", "ep_a2a"), ("sp", "ep_agrs")]
 MODEL = [
@@ -44,9 +44,10 @@ def _bench(rank, world, attention, ffn, steps, warmup):
     cfg = apply_overrides(
         Config(), [*MODEL, f"parallel.attention={attention}", f"parallel.ffn={ffn}"]
     )
-    comm = Comm(dist.group.WORLD, rank, world)
+    comms = build_comms(ParallelDims.build(cfg, rank, world))
+    comm = comms.n
     model = build_parallel_model(cfg, comm, rank, torch.device("cpu"))
-    optimizer = build_optimizer(model, cfg.train)
+    optimizer = ZeroOptimizer(model, cfg.train, comms.n, comms.dp, cfg.comm.grad_sync)
     L = cfg.model.seq_len // world
     g = torch.Generator().manual_seed(0)
     times, exposed, sent = [], [], []
@@ -59,7 +60,7 @@ def _bench(rank, world, attention, ffn, steps, warmup):
         before_exposed = sum(s.exposed_seconds for s in comm.stats.kinds.values())
         before_bytes = sum(s.bytes for s in comm.stats.kinds.values())
         start = time.perf_counter()
-        parallel_train_step(model, optimizer, batch, cfg, comm)
+        parallel_train_step(model, optimizer, batch, cfg, comms)
         if step >= warmup:
             times.append(time.perf_counter() - start)
             exposed.append(

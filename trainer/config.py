@@ -79,7 +79,7 @@ class ParallelConfig:
 class TrainConfig:
     steps: int = 200
     global_batch: int = 16  # sequences per optimizer step
-    micro_batch: int = 0  # sequences per forward call; 0 = global_batch
+    micro_batch: int = 0  # sequences per forward call; 0 = global_batch / parallel.dp
     seed: int = 1234
     lr: float = 3e-3
     min_lr: float = 3e-4
@@ -91,10 +91,6 @@ class TrainConfig:
     dtype: str = "fp32"  # fp32 | bf16 (autocast)
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch intra-op threads per rank; 0 = torch's default
-
-    @property
-    def micro(self) -> int:
-        return self.micro_batch or self.global_batch
 
 
 @dataclass(frozen=True)
@@ -134,6 +130,15 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     observe: ObserveConfig = field(default_factory=ObserveConfig)
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Sequences per forward call: train.micro_batch, or one data-parallel share."""
+        return self.train.micro_batch or self.train.global_batch // self.parallel.dp
+
+    @property
+    def micro_batches_per_replica(self) -> int:
+        return self.train.global_batch // (self.parallel.dp * self.micro_batch_size)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -290,7 +295,7 @@ def validate(cfg: Config) -> None:
         _require(value >= 0 and math.isfinite(value), f"{key} = {value!r} must be >= 0")
     _validate_model(cfg.model)
     _validate_layout(cfg)
-    _validate_train(cfg.train)
+    _validate_train(cfg)
     _require(
         cfg.observe.metrics_port <= 65535,
         f"observe.metrics_port = {cfg.observe.metrics_port} must be <= 65535",
@@ -333,11 +338,16 @@ def _validate_layout(cfg: Config) -> None:
     )
 
 
-def _validate_train(t: TrainConfig) -> None:
+def _validate_train(cfg: Config) -> None:
+    t, dp = cfg.train, cfg.parallel.dp
     _require(
-        t.global_batch % t.micro == 0,
-        f"train.global_batch = {t.global_batch} must be divisible by "
-        f"train.micro_batch = {t.micro_batch}",
+        t.global_batch % dp == 0,
+        f"train.global_batch = {t.global_batch} must be divisible by parallel.dp = {dp}",
+    )
+    _require(
+        (t.global_batch // dp) % cfg.micro_batch_size == 0,
+        f"train.global_batch / parallel.dp = {t.global_batch // dp} sequences per replica must "
+        f"be divisible by train.micro_batch = {t.micro_batch}",
     )
     _require(
         t.min_lr <= t.lr,

@@ -117,15 +117,16 @@ def train_step(
 
 
 def _micro_batches(
-    data: TokenData, sampler: BatchSampler, cfg: Config, device: torch.device, shard: slice
+    data: TokenData, sampler: BatchSampler, cfg: Config, device: torch.device, shard: tuple
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """This step's micro-batches; ``shard`` selects this rank's part of each sequence."""
-    starts = sampler.next_starts()
-    micro = cfg.train.micro
+    """This rank's micro-batches: ``shard`` = (its replica's sequences, its sequence columns)."""
+    rows, cols = shard
+    starts = sampler.next_starts()[rows]
+    micro = cfg.micro_batch_size
     out = []
     for i in range(0, len(starts), micro):
         x, y = batch_from_starts(data.tokens, starts[i : i + micro], cfg.model.seq_len)
-        out.append((x[:, shard].to(device), y[:, shard].to(device)))
+        out.append((x[:, cols].to(device), y[:, cols].to(device)))
     return out
 
 
@@ -158,10 +159,10 @@ def unbuilt_notes(cfg: Config) -> list[str]:
     if cfg.checkpoint.interval or cfg.checkpoint.dir:
         notes.append("checkpoint.* is set but checkpointing is not available yet: no checkpoints")
     c = cfg.comm
-    if c.overlap or c.chunks > 1 or c.fp8 or c.grad_sync != "fp32_rs":
+    if c.overlap or c.chunks > 1 or c.fp8:
         notes.append(
-            "comm.overlap / comm.chunks / comm.fp8 / comm.grad_sync are set but overlap, "
-            "chunking and compressed communication are not available yet: plain fp32 collectives"
+            "comm.overlap / comm.chunks / comm.fp8 are set but overlap, chunking and FP8 "
+            "communication are not available yet: plain collectives, in order"
         )
     if cfg.observe.metrics_port:
         notes.append("observe.metrics_port is set but the Prometheus exporter is not available yet")
@@ -185,24 +186,43 @@ class Worker:
     world: int
     device: torch.device
     peak_flops: float
-    comm: Any = None  # trainer.parallel.comm.Comm of the n group when world > 1
+    dims: Any = None  # trainer.parallel.dims.ParallelDims when world > 1
+    comms: Any = None  # trainer.parallel.step.Comms when world > 1
 
 
 def _build_step(cfg: Config, w: Worker):
-    """Optimizer, step function and sequence shard for the reference or the parallel layout."""
+    """Optimizer, step function and this rank's (replica rows, sequence columns) of a batch."""
     if w.world == 1:
         model = build_model(cfg, w.device)
         optimizer = build_optimizer(model, cfg.train)
-        return optimizer, lambda batches: train_step(model, optimizer, batches, cfg), slice(None)
+        step = lambda batches: train_step(model, optimizer, batches, cfg)  # noqa: E731
+        return optimizer, step, (slice(None), slice(None))
     from trainer.parallel.model import build_parallel_model
     from trainer.parallel.step import parallel_train_step
+    from trainer.parallel.zero import ZeroOptimizer
 
-    model = build_parallel_model(cfg, w.comm, w.rank, w.device)
-    optimizer = build_optimizer(model, cfg.train)
-    L = cfg.model.seq_len // cfg.parallel.n
-    shard = slice(w.rank % cfg.parallel.n * L, (w.rank % cfg.parallel.n + 1) * L)
-    step = lambda batches: parallel_train_step(model, optimizer, batches, cfg, w.comm)  # noqa: E731
+    d, c = w.dims, w.comms
+    model = build_parallel_model(cfg, c.n, d.n_index, w.device)
+    optimizer = ZeroOptimizer(model, cfg.train, c.n, c.dp, cfg.comm.grad_sync)
+    L = cfg.model.seq_len // d.n
+    rows = cfg.train.global_batch // d.dp
+    shard = (
+        slice(d.dp_index * rows, (d.dp_index + 1) * rows),
+        slice(d.n_index * L, (d.n_index + 1) * L),
+    )
+    step = lambda batches: parallel_train_step(model, optimizer, batches, cfg, c)  # noqa: E731
     return optimizer, step, shard
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    if hasattr(optimizer, "state_bytes"):
+        return optimizer.state_bytes()
+    return sum(
+        t.numel() * t.element_size()
+        for state in optimizer.state.values()
+        for t in state.values()
+        if torch.is_tensor(t)
+    )
 
 
 def run(cfg: Config, w: Worker, summary_path: str | None, out: TextIO) -> dict[str, Any]:
@@ -240,13 +260,15 @@ def run(cfg: Config, w: Worker, summary_path: str | None, out: TextIO) -> dict[s
                 seconds, tokens_per_step, result.dropped, result.assignments, result.skipped,
             )
         )  # fmt: skip
+    stats = w.comms.world.stats if w.comms else None
     summary = log.summary(
         wall_s=time.perf_counter() - wall_start,
         peak_memory_bytes=peak_memory_bytes(w.device),
         layout=_layout(cfg, w),
-        comm=w.comm.stats.to_dict() if w.comm else {},
-        comm_per_step=w.comm.stats.per_step(cfg.train.steps) if w.comm else {},
-        comm_bytes_by_tag=dict(sorted(w.comm.stats.tags.items())) if w.comm else {},
+        optimizer_state_bytes=optimizer_state_bytes(optimizer),
+        comm=stats.to_dict() if stats else {},
+        comm_per_step=stats.per_step(cfg.train.steps) if stats else {},
+        comm_bytes_by_tag=dict(sorted(stats.tags.items())) if stats else {},
         device=str(w.device),
         dtype=cfg.train.dtype,
         data={"path": cfg.data.path, "tokens": data.num_tokens, "tokenizer": data.tokenizer_name},

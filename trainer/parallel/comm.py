@@ -75,9 +75,9 @@ def _nbytes(t: torch.Tensor) -> int:
 class Comm:
     """Collectives over one process group, recorded into ``stats``."""
 
-    def __init__(self, group, rank: int, size: int) -> None:
+    def __init__(self, group, rank: int, size: int, stats: CommStats | None = None) -> None:
         self.group, self.rank, self.size = group, rank, size
-        self.stats = CommStats()
+        self.stats = stats if stats is not None else CommStats()  # shared by a rank's Comms
 
     def _book(self, kind: str, tag: str, nbytes: int) -> float:
         s = self.stats.kinds[kind]
@@ -97,8 +97,12 @@ class Comm:
         out_splits: list[int] | None,
         tag: str,
         async_op: bool = False,
+        out: torch.Tensor | None = None,
     ):
-        """all_to_all_single along dim 0; splits in rows (None = equal). Returns the output."""
+        """all_to_all_single along dim 0; splits in rows (None = equal). Returns the output.
+
+        ``out`` receives the result when given (it may share memory with nothing in ``inp``).
+        """
         rows = inp.shape[0]
         row_bytes = _nbytes(inp) // rows if rows else 0
         sent_rows = (
@@ -107,7 +111,8 @@ class Comm:
             else rows * (self.size - 1) // self.size
         )
         out_rows = sum(out_splits) if out_splits else rows
-        out = inp.new_empty((out_rows, *inp.shape[1:]))
+        if out is None:
+            out = inp.new_empty((out_rows, *inp.shape[1:]))
         start = self._book("all_to_all", tag, sent_rows * row_bytes)
         wire_in, wire_out = _wire(inp), _wire(out)
         work = dist.all_to_all_single(

@@ -47,10 +47,9 @@ def check_layout(cfg: Config, nproc: int) -> None:
                 f"shared expert width {m.shared_experts * m.shared_hidden} is not divisible by "
                 f"parallel.n = {p.n}"
             )
-        if p.dp > 1 or p.pp > 1:
+        if p.pp > 1:
             problems.append(
-                f"parallel.dp = {p.dp}, parallel.pp = {p.pp}: data and pipeline parallelism "
-                "are not available in this build yet (use dp = pp = 1)"
+                f"parallel.pp = {p.pp}: pipeline parallelism is not available in this build yet"
             )
     if problems:
         raise ConfigError("invalid parallel layout: " + "; ".join(problems))
@@ -73,7 +72,9 @@ class ParallelDims:
     pp: int
     rank: int
     world: int
-    n_group: object = None  # torch.distributed.ProcessGroup of the n ranks (SP = EP)
+    n_group: object = None  # the n ranks of this node (SP = EP)
+    dp_group: object = None  # the dp replicas of this (pp stage, n index)
+    pp_group: object = None  # the pp stages of this (dp replica, n index)
 
     @property
     def n_index(self) -> int:
@@ -87,6 +88,9 @@ class ParallelDims:
     def dp_index(self) -> int:
         return self.rank // (self.n * self.pp)
 
+    def rank_of(self, dp_index: int, pp_index: int, n_index: int) -> int:
+        return (dp_index * self.pp + pp_index) * self.n + n_index
+
     @classmethod
     def build(cls, cfg: Config, rank: int, world: int) -> ParallelDims:
         """Create the groups (every rank must call this, in the same order)."""
@@ -95,11 +99,23 @@ class ParallelDims:
         check_layout(cfg, world)
         p = cfg.parallel
         dims = cls(p.n, p.dp, p.pp, rank, world)
-        # new_group is collective: every rank creates every group, keeps its own.
+        # new_group is collective: every rank creates every group and keeps its own.
         for d in range(p.dp):
             for s in range(p.pp):
-                base = (d * p.pp + s) * p.n
-                group = dist.new_group(list(range(base, base + p.n)))
-                if base <= rank < base + p.n:
+                members = [dims.rank_of(d, s, i) for i in range(p.n)]
+                group = dist.new_group(members)
+                if rank in members:
                     dims.n_group = group
+        for s in range(p.pp):
+            for i in range(p.n):
+                members = [dims.rank_of(d, s, i) for d in range(p.dp)]
+                group = dist.new_group(members)
+                if rank in members:
+                    dims.dp_group = group
+        for d in range(p.dp):
+            for i in range(p.n):
+                members = [dims.rank_of(d, s, i) for s in range(p.pp)]
+                group = dist.new_group(members)
+                if rank in members:
+                    dims.pp_group = group
         return dims

@@ -28,7 +28,7 @@ import torch.multiprocessing as mp
 from trainer.config import Config
 from trainer.errors import MegamoeError
 from trainer.observe.mfu import peak_flops
-from trainer.parallel.comm import Comm
+from trainer.parallel.comm import Comm, CommStats
 from trainer.parallel.dims import ParallelDims, check_layout
 
 INIT_TIMEOUT = timedelta(seconds=120)
@@ -58,11 +58,24 @@ def _worker(rank: int, cfg: Config, world: int, port: int, summary_path, peak: f
     )
     try:
         dims = ParallelDims.build(cfg, rank, world)
-        comm = Comm(dims.n_group, dims.n_index, dims.n)
+        comms = build_comms(dims)
         out = sys.stdout if rank == 0 else io.StringIO()
-        run(cfg, Worker(rank, world, device, peak, comm), summary_path if rank == 0 else None, out)
+        worker = Worker(rank, world, device, peak, dims, comms)
+        run(cfg, worker, summary_path if rank == 0 else None, out)
     finally:
         dist.destroy_process_group()
+
+
+def build_comms(dims: ParallelDims):
+    """Comms over the rank's n, dp and world groups, recording into one CommStats."""
+    from trainer.parallel.step import Comms
+
+    stats = CommStats()
+    return Comms(
+        n=Comm(dims.n_group, dims.n_index, dims.n, stats),
+        dp=Comm(dims.dp_group, dims.dp_index, dims.dp, stats),
+        world=Comm(dist.group.WORLD, dims.rank, dims.world, stats),
+    )
 
 
 def machine_peak(cfg: Config, world: int) -> float:

@@ -174,19 +174,3 @@ def sync_replicated_grads(model: nn.Module, comm: Comm) -> None:
         numel = p.grad.numel()
         p.grad.copy_(flat[offset : offset + numel].view_as(p.grad))
         offset += numel
-
-
-def global_grad_norm(model: nn.Module, comm: Comm) -> torch.Tensor:
-    """L2 norm of the whole model's gradient: sharded parts summed over ranks, replicated once."""
-    sharded = replicated = torch.zeros((), dtype=torch.float64)
-    for p in model.parameters():
-        if p.grad is None:
-            continue
-        sq = p.grad.double().pow(2).sum()
-        if p.megamoe_replicated:
-            replicated = replicated + sq
-        else:
-            sharded = sharded + sq
-    total = sharded + replicated / comm.size
-    comm.all_reduce(total, "grad_norm")
-    return total.sqrt()

@@ -1,0 +1,179 @@
+"""ZeRO-1: flat FP32 gradient buffers, sharded AdamW states, gradient sync, parameter all-gather.
+
+Parameters fall into two sync classes (and each into decay / no-decay, since
+AdamW decays matrices only):
+
+* replicated over the n ranks of a node (embedding, norms, router, LM head,
+  SP attention, shared experts): gradients are summed over n * dp
+  hierarchically - reduce-scatter inside the node, then the DP sync across
+  nodes - so each rank ends with 1/(n dp) of the buffer, steps AdamW on that
+  shard only, and the parameters come back with an all-gather across nodes,
+  then inside the node (PAPER.md section 2).
+* sharded over n (EP experts, TP slices): gradients are summed over dp only;
+  each rank keeps 1/dp of its own buffer.
+
+Parameters and their ``.grad`` are views into one flat FP32 buffer per group,
+so backward accumulates straight into the main-gradient buffer and the
+all-gather writes straight into the parameters.
+
+The DP sync (``comm.grad_sync``):
+
+* ``fp32_rs``: reduce-scatter of the FP32 buffer.
+* ``bf16_a2a`` (PAPER.md section 5): cast once to BF16, all-to-all inside the
+  DP group so each rank receives every peer's copy of its own shard, sum
+  those copies locally in FP32. Half the bytes of ``fp32_rs`` and no BF16
+  accumulation. The BF16 copy is written into the first half of the FP32
+  buffer's own memory and the all-to-all lands in the second half, so no
+  extra full-size buffer is allocated.
+
+Optimizer-state bytes per rank therefore shrink as 1 / dp (1 / (n dp) for the
+replicated class).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from trainer.config import TrainConfig
+from trainer.parallel.comm import Comm
+
+
+@dataclass
+class FlatGroup:
+    params: list[nn.Parameter]
+    replicated: bool
+    decay: bool
+    data: torch.Tensor  # flat parameters (padded)
+    grad: torch.Tensor  # flat FP32 main gradients (padded)
+    shard: slice  # this rank's slice of the flat buffers
+    master: nn.Parameter  # view of data[shard], what AdamW steps
+
+
+def _pad_to(numel: int, multiple: int) -> int:
+    return math.ceil(numel / multiple) * multiple
+
+
+def bf16_a2a_sync(buf: torch.Tensor, comm: Comm, tag: str) -> torch.Tensor:
+    """Sum ``buf`` (FP32, length divisible by comm.size) over the group via a BF16 all-to-all.
+
+    Returns this rank's FP32 shard (length / size). ``buf`` is consumed: its
+    memory holds the BF16 copy (first half) and the received copies (second half).
+    """
+    N, size = buf.numel(), comm.size
+    halves = buf.view(torch.bfloat16)  # 2N bf16 slots over the same bytes
+    send, recv = halves[:N], halves[N:]
+    # In-place cast, front to back: bf16 chunk c lands on bytes fp32 elements
+    # below c * step have already been read from, except for chunk 0 (via a copy).
+    step = max(1, N // 16)
+    send[:step].copy_(buf[:step].clone())
+    for start in range(step, N, step):
+        send[start : start + step].copy_(buf[start : start + step])
+    comm.all_to_all(send, None, None, tag, out=recv)
+    return recv.view(size, N // size).float().sum(0)
+
+
+class ZeroOptimizer:
+    """AdamW over this rank's shards, with the gradient sync and parameter gather around it."""
+
+    def __init__(self, model: nn.Module, t: TrainConfig, n_comm: Comm, dp_comm: Comm,
+                 grad_sync: str) -> None:  # fmt: skip
+        self.n_comm, self.dp_comm, self.grad_sync = n_comm, dp_comm, grad_sync
+        self.groups: list[FlatGroup] = []
+        for replicated in (True, False):
+            for decay in (True, False):
+                params = [
+                    p for p in model.parameters()
+                    if p.megamoe_replicated == replicated and (p.dim() >= 2) == decay
+                ]  # fmt: skip
+                if params:
+                    self.groups.append(self._flatten(params, replicated, decay))
+        self.adamw = torch.optim.AdamW(
+            [
+                {"params": [g.master for g in self.groups if g.decay],
+                 "weight_decay": t.weight_decay},
+                {"params": [g.master for g in self.groups if not g.decay], "weight_decay": 0.0},
+            ],
+            lr=t.lr, betas=(t.beta1, t.beta2), foreach=True,
+        )  # fmt: skip
+        self.param_groups = self.adamw.param_groups
+
+    def _shard_slice(self, numel: int, replicated: bool) -> slice:
+        n, dp = self.n_comm, self.dp_comm
+        if replicated:
+            size = numel // (n.size * dp.size)
+            start = n.rank * (numel // n.size) + dp.rank * size
+        else:
+            size = numel // dp.size
+            start = dp.rank * size
+        return slice(start, start + size)
+
+    def _flatten(self, params: list[nn.Parameter], replicated: bool, decay: bool) -> FlatGroup:
+        ways = self.n_comm.size * self.dp_comm.size if replicated else self.dp_comm.size
+        total = _pad_to(sum(p.numel() for p in params), ways)
+        device = params[0].device
+        data = torch.zeros(total, dtype=torch.float32, device=device)
+        grad = torch.zeros(total, dtype=torch.float32, device=device)
+        offset = 0
+        for p in params:
+            numel = p.numel()
+            data[offset : offset + numel].copy_(p.detach().reshape(-1))
+            p.data = data[offset : offset + numel].view_as(p)
+            p.grad = grad[offset : offset + numel].view_as(p)
+            offset += numel
+        shard = self._shard_slice(total, replicated)
+        master = nn.Parameter(data[shard])
+        return FlatGroup(params, replicated, decay, data, grad, shard, master)
+
+    def zero_grad(self) -> None:
+        for g in self.groups:
+            g.grad.zero_()
+
+    def reduce_gradients(self) -> None:
+        """Sum gradients over their sync class; leaves each group's shard in master.grad."""
+        for g in self.groups:
+            buf = g.grad
+            if g.replicated and self.n_comm.size > 1:
+                buf = self.n_comm.reduce_scatter(buf, "grad_rs_node")
+            if self.dp_comm.size > 1:
+                if self.grad_sync == "bf16_a2a":
+                    buf = bf16_a2a_sync(buf, self.dp_comm, "grad_dp")  # consumes buf
+                else:
+                    buf = self.dp_comm.reduce_scatter(buf, "grad_dp")
+            g.master.grad = buf if buf is not g.grad else g.grad[g.shard]
+
+    def shard_sq_norm(self) -> torch.Tensor:
+        """Sum of squares of this rank's gradient shards (disjoint across all ranks)."""
+        total = torch.zeros((), dtype=torch.float64)
+        for g in self.groups:
+            total += g.master.grad.double().pow(2).sum().cpu()
+        return total
+
+    def step(self, clip_coef: float) -> None:
+        for g in self.groups:
+            g.master.grad.mul_(clip_coef)
+        self.adamw.step()
+        self.gather_params()
+
+    def gather_params(self) -> None:
+        """All-gather the updated shards back into every replica's parameters."""
+        for g in self.groups:
+            shard = g.data[g.shard]
+            if self.dp_comm.size > 1:
+                shard = self.dp_comm.all_gather(shard, "param_ag_dp")
+            if g.replicated and self.n_comm.size > 1:
+                shard = self.n_comm.all_gather(shard, "param_ag_node")
+            if shard.data_ptr() != g.data.data_ptr():
+                g.data.copy_(shard)
+
+    def state_bytes(self) -> int:
+        """Bytes of AdamW state (exp_avg, exp_avg_sq, step) held by this rank."""
+        return sum(
+            t.numel() * t.element_size()
+            for state in self.adamw.state.values()
+            for t in state.values()
+            if torch.is_tensor(t)
+        )
