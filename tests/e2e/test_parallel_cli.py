@@ -74,3 +74,36 @@ def test_bf16_autocast_two_ranks_track_the_bf16_reference(demo_data, tmp_path):
     # bf16 GEMMs round differently when the work is split: a bf16 tolerance, not fp32's.
     assert par["losses"] == pytest.approx(ref["losses"], rel=2e-3)
     assert par["dtype"] == "bf16"
+
+
+@pytest.fixture(scope="module")
+def dp_runs(demo_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dp")
+    layout = ("parallel.n=2", "parallel.dp=2")
+    return {
+        "ref": _train(demo_data, tmp, 1, *layout)[1],
+        "fp32_rs": _train(demo_data, tmp, 4, *layout, "comm.grad_sync=fp32_rs")[1],
+        "bf16_a2a": _train(demo_data, tmp, 4, *layout, "comm.grad_sync=bf16_a2a")[1],
+        "dp1": _train(demo_data, tmp, 2, "parallel.n=2")[1],
+    }
+
+
+@pytest.mark.timeout(600)
+def test_dp2_n2_matches_the_reference_with_fp32_reduce_scatter(dp_runs):
+    assert dp_runs["fp32_rs"]["losses"] == pytest.approx(dp_runs["ref"]["losses"], rel=1e-5)
+
+
+@pytest.mark.timeout(600)
+def test_bf16_all_to_all_stays_within_bf16_tolerance_with_half_the_dp_bytes(dp_runs):
+    # One bf16 rounding of each replica's gradient per step: stated bound 1e-3 relative.
+    assert dp_runs["bf16_a2a"]["losses"] == pytest.approx(dp_runs["ref"]["losses"], rel=1e-3)
+    a2a = dp_runs["bf16_a2a"]["comm_bytes_by_tag"]["grad_dp"]
+    rs = dp_runs["fp32_rs"]["comm_bytes_by_tag"]["grad_dp"]
+    assert a2a * 2 == rs
+
+
+@pytest.mark.timeout(600)
+def test_optimizer_state_per_rank_shrinks_as_one_over_dp(dp_runs):
+    dp1 = dp_runs["dp1"]["optimizer_state_bytes"]
+    dp2 = dp_runs["fp32_rs"]["optimizer_state_bytes"]
+    assert dp2 == pytest.approx(dp1 / 2, rel=1e-3)  # padding to the shard count aside
