@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -84,6 +85,7 @@ class StepResult:
     dropped: int
     assignments: int
     skipped: bool
+    bubble: float | None = None  # measured pipeline bubble fraction (pipelined runs)
 
 
 def train_step(
@@ -198,19 +200,25 @@ def _build_step(cfg: Config, w: Worker):
         step = lambda batches: train_step(model, optimizer, batches, cfg)  # noqa: E731
         return optimizer, step, (slice(None), slice(None))
     from trainer.parallel.model import build_parallel_model
+    from trainer.parallel.pipeline import StageRunner
     from trainer.parallel.step import parallel_train_step
     from trainer.parallel.zero import ZeroOptimizer
 
     d, c = w.dims, w.comms
-    model = build_parallel_model(cfg, c.n, d.n_index, w.device)
+    model = build_parallel_model(cfg, c.n, d.n_index, w.device, stage=d.pp_index)
     optimizer = ZeroOptimizer(model, cfg.train, c.n, c.dp, cfg.comm.grad_sync)
+    peers = (
+        d.rank_of(d.dp_index, d.pp_index - 1, d.n_index) if d.pp_index > 0 else None,
+        d.rank_of(d.dp_index, d.pp_index + 1, d.n_index) if d.pp_index < d.pp - 1 else None,
+    )
+    runner = StageRunner(model, cfg, c.pp, peers)
     L = cfg.model.seq_len // d.n
     rows = cfg.train.global_batch // d.dp
     shard = (
         slice(d.dp_index * rows, (d.dp_index + 1) * rows),
         slice(d.n_index * L, (d.n_index + 1) * L),
     )
-    step = lambda batches: parallel_train_step(model, optimizer, batches, cfg, c)  # noqa: E731
+    step = lambda batches: parallel_train_step(runner, optimizer, batches, cfg, c)  # noqa: E731
     return optimizer, step, shard
 
 
@@ -245,6 +253,7 @@ def run(cfg: Config, w: Worker, summary_path: str | None, out: TextIO) -> dict[s
     )
     tokens_per_step = cfg.train.global_batch * cfg.model.seq_len
     wall_start = time.perf_counter()
+    bubbles: list[float] = []
     for step in range(1, cfg.train.steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg.train)
@@ -254,6 +263,8 @@ def run(cfg: Config, w: Worker, summary_path: str | None, out: TextIO) -> dict[s
         if w.device.type == "cuda":
             torch.cuda.synchronize(w.device)
         seconds = time.perf_counter() - start
+        if result.bubble is not None:
+            bubbles.append(result.bubble)
         log.add(
             StepRecord(
                 step, result.loss, result.balance_loss, lr_at(step, cfg.train), result.grad_norm,
@@ -266,6 +277,7 @@ def run(cfg: Config, w: Worker, summary_path: str | None, out: TextIO) -> dict[s
         peak_memory_bytes=peak_memory_bytes(w.device),
         layout=_layout(cfg, w),
         optimizer_state_bytes=optimizer_state_bytes(optimizer),
+        pipeline=_pipeline_summary(cfg, bubbles),
         comm=stats.to_dict() if stats else {},
         comm_per_step=stats.per_step(cfg.train.steps) if stats else {},
         comm_bytes_by_tag=dict(sorted(stats.tags.items())) if stats else {},
@@ -280,6 +292,20 @@ def run(cfg: Config, w: Worker, summary_path: str | None, out: TextIO) -> dict[s
         if summary_path:
             write_json(summary_path, summary)
     return summary
+
+
+def _pipeline_summary(cfg: Config, bubbles: list[float]) -> dict[str, Any]:
+    from trainer.parallel.pipeline import theoretical_bubble
+
+    stages, micro = cfg.parallel.pp, cfg.micro_batches_per_replica
+    return {
+        "stages": stages,
+        "micro_batches": micro,
+        "schedule": "1f1b",
+        "bubble_theory": theoretical_bubble(stages, micro),
+        # the first step pays one-time costs (allocations, kernel warm-up): left out
+        "bubble_measured": statistics.median(bubbles[1:] or bubbles) if bubbles else None,
+    }
 
 
 def _layout(cfg: Config, w: Worker) -> dict[str, Any]:

@@ -75,8 +75,11 @@ def _nbytes(t: torch.Tensor) -> int:
 class Comm:
     """Collectives over one process group, recorded into ``stats``."""
 
-    def __init__(self, group, rank: int, size: int, stats: CommStats | None = None) -> None:
+    def __init__(
+        self, group, rank: int, size: int, stats: CommStats | None = None, device=None
+    ) -> None:
         self.group, self.rank, self.size = group, rank, size
+        self.device = device or torch.device("cpu")
         self.stats = stats if stats is not None else CommStats()  # shared by a rank's Comms
 
     def _book(self, kind: str, tag: str, nbytes: int) -> float:
@@ -134,12 +137,27 @@ class Comm:
         work = _REDUCE_SCATTER(out, inp.contiguous(), group=self.group, async_op=async_op)
         return self._run("reduce_scatter", start, work, async_op, finish=lambda: out)
 
-    def all_reduce(self, tensor: torch.Tensor, tag: str, async_op: bool = False):
-        """In-place sum over ranks; returns the tensor."""
+    def all_reduce(self, tensor: torch.Tensor, tag: str, async_op: bool = False, op=None):
+        """In-place reduction over ranks (sum unless ``op``); returns the tensor."""
         nbytes = 2 * _nbytes(tensor) * (self.size - 1) // self.size
         start = self._book("all_reduce", tag, nbytes)
-        work = dist.all_reduce(tensor, group=self.group, async_op=async_op)
+        op = dist.ReduceOp.SUM if op is None else op
+        work = dist.all_reduce(tensor, op=op, group=self.group, async_op=async_op)
         return self._run("all_reduce", start, work, async_op, finish=lambda: tensor)
+
+    def send(self, tensor: torch.Tensor, dst: int, tag: str) -> Pending:
+        """Asynchronous point-to-point send to global rank ``dst``; wait() before reuse."""
+        tensor = tensor.contiguous()
+        start = self._book("send_recv", tag, _nbytes(tensor))
+        work = dist.isend(_wire(tensor), dst)
+        return Pending(self, "send_recv", work, start, finish=lambda: tensor)
+
+    def recv(self, shape, dtype: torch.dtype, src: int, tag: str) -> torch.Tensor:
+        """Blocking point-to-point receive from global rank ``src`` (all of it exposed)."""
+        out = torch.empty(shape, dtype=dtype, device=self.device)
+        start = self._book("send_recv", tag, 0)  # bytes are booked by the sender
+        dist.recv(_wire(out), src)
+        return self._run("send_recv", start, None, False, finish=lambda: out)
 
 
 def _wire(t: torch.Tensor) -> torch.Tensor:

@@ -47,9 +47,10 @@ def check_layout(cfg: Config, nproc: int) -> None:
                 f"shared expert width {m.shared_experts * m.shared_hidden} is not divisible by "
                 f"parallel.n = {p.n}"
             )
-        if p.pp > 1:
+        if m.layers % p.pp:
             problems.append(
-                f"parallel.pp = {p.pp}: pipeline parallelism is not available in this build yet"
+                f"model.layers = {m.layers} is not divisible by parallel.pp = {p.pp} "
+                "(every stage holds the same number of layers)"
             )
     if problems:
         raise ConfigError("invalid parallel layout: " + "; ".join(problems))

@@ -58,7 +58,7 @@ def _worker(rank: int, cfg: Config, world: int, port: int, summary_path, peak: f
     )
     try:
         dims = ParallelDims.build(cfg, rank, world)
-        comms = build_comms(dims)
+        comms = build_comms(dims, device)
         out = sys.stdout if rank == 0 else io.StringIO()
         worker = Worker(rank, world, device, peak, dims, comms)
         run(cfg, worker, summary_path if rank == 0 else None, out)
@@ -66,15 +66,16 @@ def _worker(rank: int, cfg: Config, world: int, port: int, summary_path, peak: f
         dist.destroy_process_group()
 
 
-def build_comms(dims: ParallelDims):
+def build_comms(dims: ParallelDims, device: torch.device | None = None):
     """Comms over the rank's n, dp and world groups, recording into one CommStats."""
     from trainer.parallel.step import Comms
 
     stats = CommStats()
     return Comms(
-        n=Comm(dims.n_group, dims.n_index, dims.n, stats),
-        dp=Comm(dims.dp_group, dims.dp_index, dims.dp, stats),
-        world=Comm(dist.group.WORLD, dims.rank, dims.world, stats),
+        n=Comm(dims.n_group, dims.n_index, dims.n, stats, device),
+        dp=Comm(dims.dp_group, dims.dp_index, dims.dp, stats, device),
+        pp=Comm(dims.pp_group, dims.pp_index, dims.pp, stats, device),
+        world=Comm(dist.group.WORLD, dims.rank, dims.world, stats, device),
     )
 
 

@@ -111,27 +111,45 @@ class ParallelBlock(nn.Module):
 
 
 class ParallelMoE(nn.Module):
-    """This rank's share of the model; forward takes this rank's sequence shard."""
+    """This rank's share of one pipeline stage; forward takes this rank's sequence shard.
 
-    def __init__(self, cfg: Config, comm: Comm, rank: int, reference: MoETransformer) -> None:
+    Stage ``stage`` of ``stages`` holds layers [stage * l, (stage + 1) * l) with
+    l = layers / stages; the first stage also holds the embedding (its input is
+    tokens), the last the final norm and LM head (its output is logits); the
+    others take and return the residual stream [B, L, H].
+    """
+
+    def __init__(
+        self, cfg: Config, comm: Comm, rank: int, reference: MoETransformer,
+        stage: int = 0, stages: int = 1,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.cfg, self.comm = cfg, comm
+        self.first, self.last = stage == 0, stage == stages - 1
         m = cfg.model
         self.ctx = layer_ctx(cfg, comm, rank)
-        self.embed = nn.Embedding(m.vocab_size, m.hidden)
-        self.final_norm = RMSNorm(m.hidden, m.norm_eps)
-        self.head = nn.Linear(m.hidden, m.vocab_size, bias=False)
-        for mod, ref in ((self.embed, reference.embed), (self.final_norm, reference.final_norm),
-                         (self.head, reference.head)):  # fmt: skip
-            mod.load_state_dict(ref.state_dict())
-        self.blocks = nn.ModuleList(ParallelBlock(cfg, self.ctx, b) for b in reference.blocks)
+        per = m.layers // stages
+        self.blocks = nn.ModuleList(
+            ParallelBlock(cfg, self.ctx, b)
+            for b in reference.blocks[stage * per : (stage + 1) * per]
+        )
+        if self.first:
+            self.embed = nn.Embedding(m.vocab_size, m.hidden)
+            self.embed.load_state_dict(reference.embed.state_dict())
+        if self.last:
+            self.final_norm = RMSNorm(m.hidden, m.norm_eps)
+            self.head = nn.Linear(m.hidden, m.vocab_size, bias=False)
+            self.final_norm.load_state_dict(reference.final_norm.state_dict())
+            self.head.load_state_dict(reference.head.state_dict())
         for name, p in self.named_parameters():
             if not hasattr(p, "megamoe_replicated"):
                 p.megamoe_replicated = True
                 p.megamoe_ref = name
 
-    def forward(self, tokens_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        x = self.embed(tokens_BL)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Tokens or residual stream in; logits (last stage) or residual stream out."""
+        if self.first:
+            x = self.embed(x)
         bal_total = x.new_zeros((), dtype=torch.float32)
         dropped = retained = 0
         for block in self.blocks:
@@ -139,8 +157,9 @@ class ParallelMoE(nn.Module):
             bal_total = bal_total + bal
             dropped += self.ctx.stats["dropped"]
             retained += self.ctx.stats["retained_bytes"]
-        logits = self.head(self.final_norm(x))
-        return logits, bal_total, {"dropped": dropped, "retained_bytes": retained}
+        if self.last:
+            x = self.head(self.final_norm(x))
+        return x, bal_total, {"dropped": dropped, "retained_bytes": retained}
 
     def local_loss(self, logits_BLV: torch.Tensor, targets_BL: torch.Tensor) -> torch.Tensor:
         """This rank's share of the batch-mean cross entropy (sums to it over the n ranks)."""
@@ -151,11 +170,13 @@ class ParallelMoE(nn.Module):
         return ce / total_tokens
 
 
-def build_parallel_model(cfg: Config, comm: Comm, rank: int, device: torch.device) -> ParallelMoE:
+def build_parallel_model(
+    cfg: Config, comm: Comm, rank: int, device: torch.device, stage: int = 0
+) -> ParallelMoE:
     """Build the reference from train.seed (identical on every rank), then take our share."""
     torch.manual_seed(cfg.train.seed)
     reference = MoETransformer(cfg.model, groups=cfg.parallel.n)
-    return ParallelMoE(cfg, comm, rank, reference).to(device)
+    return ParallelMoE(cfg, comm, rank, reference, stage, cfg.parallel.pp).to(device)
 
 
 def replicated_params(model: nn.Module) -> list[nn.Parameter]:

@@ -1,8 +1,9 @@
-"""One optimizer step of the parallel model (n-rank groups x dp replicas).
+"""One optimizer step of the parallel model (n-rank groups x pp stages x dp replicas).
 
-Each rank runs its sequence shard of its replica's micro-batches through the
-macro layers (loss scaled by 1 / (micro-batches x dp), so the gradient sum
-over replicas is the global-batch gradient), then ZeRO-1 sums the gradients
+Each rank runs its sequence shard of its replica's micro-batches through its
+stage's macro layers on the 1F1B schedule (loss scaled by 1 / (micro-batches
+x dp), so the gradient sum over replicas is the global-batch gradient), then
+ZeRO-1 sums the gradients
 over their sync class and leaves each rank a disjoint shard. The global
 gradient norm is one all-reduce of the shards' squares over the whole world;
 clipping uses ``torch.nn.utils.clip_grad_norm_``'s formula, and a non-finite
@@ -17,10 +18,11 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from trainer.config import Config
 from trainer.parallel.comm import Comm
-from trainer.parallel.model import ParallelMoE
+from trainer.parallel.pipeline import StageRunner
 from trainer.parallel.zero import ZeroOptimizer
 
 
@@ -30,11 +32,12 @@ class Comms:
 
     n: Comm
     dp: Comm
+    pp: Comm
     world: Comm
 
 
 def parallel_train_step(
-    model: ParallelMoE,
+    runner: StageRunner,
     optimizer: ZeroOptimizer,
     micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
     cfg: Config,
@@ -42,18 +45,8 @@ def parallel_train_step(
 ):
     from trainer.train import StepResult
 
-    device = next(model.parameters()).device
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.train.dtype == "bf16")
     scale = 1.0 / (len(micro_batches) * cfg.parallel.dp)
-    loss_sum, bal_sum, dropped = 0.0, 0.0, 0
-    for inputs, targets in micro_batches:
-        with autocast:
-            logits, bal, stats = model(inputs)
-            loss = model.local_loss(logits, targets)
-        ((loss + bal) * scale).backward()
-        loss_sum += loss.item() * scale
-        bal_sum += bal.item() * scale / cfg.parallel.n  # identical on the n ranks
-        dropped += stats["dropped"]
+    res = runner.run(micro_batches, scale)
     optimizer.reduce_gradients()
     sq = comms.world.all_reduce(optimizer.shard_sq_norm(), "grad_norm")
     grad_norm = math.sqrt(float(sq)) if math.isfinite(float(sq)) else math.inf
@@ -62,10 +55,19 @@ def parallel_train_step(
         clip = cfg.train.grad_clip
         optimizer.step(min(clip / (grad_norm + 1e-6), 1.0) if clip > 0 else 1.0)
     optimizer.zero_grad()
-    totals = torch.tensor([loss_sum, bal_sum, float(dropped)], dtype=torch.float64)
+    # Bubble against the pipeline's makespan (the slowest rank's schedule time), as
+    # the (P - 1) / (M + P - 1) theory counts it: every stage waits for the flush.
+    makespan = torch.tensor([res.times.total_s], dtype=torch.float64)
+    comms.world.all_reduce(makespan, "pp_timing", op=dist.ReduceOp.MAX)
+    bubble = 1.0 - res.times.compute_s / float(makespan[0])
+    # The balance loss is identical on a stage's n ranks: count it once per stage.
+    totals = torch.tensor(
+        [res.loss, res.balance / cfg.parallel.n, float(res.dropped), bubble], dtype=torch.float64
+    )
     totals = comms.world.all_reduce(totals, "loss")
     tokens = cfg.train.global_batch * cfg.model.seq_len
     assignments = tokens * cfg.model.topk * cfg.model.layers
     return StepResult(
-        float(totals[0]), float(totals[1]), grad_norm, int(totals[2]), assignments, skipped
-    )
+        float(totals[0]), float(totals[1]), grad_norm, int(totals[2]), assignments, skipped,
+        bubble=float(totals[3]) / comms.world.size,
+    )  # fmt: skip
