@@ -11,6 +11,7 @@ from trainer.parallel.comm import Comm
 from trainer.parallel.dims import ParallelDims
 from trainer.parallel.launch import build_comms
 from trainer.parallel.model import build_parallel_model
+from trainer.parallel.pipeline import StageRunner
 from trainer.parallel.step import parallel_train_step
 from trainer.parallel.zero import ZeroOptimizer, bf16_a2a_sync
 
@@ -65,7 +66,9 @@ def _skip_worker(rank, world):
     L = 8
     batch = [(tokens[:, dims.n_index * L : (dims.n_index + 1) * L],
               tokens[:, dims.n_index * L + 1 : (dims.n_index + 1) * L + 1])]  # fmt: skip
-    result = parallel_train_step(model, opt, batch, cfg, comms)
+    result = parallel_train_step(
+        StageRunner(model, cfg, comms.pp, (None, None)), opt, batch, cfg, comms
+    )
     unchanged = all(
         torch.equal(a, p.detach()) for a, p in zip(before, model.parameters(), strict=True)
     )

@@ -107,3 +107,51 @@ def test_optimizer_state_per_rank_shrinks_as_one_over_dp(dp_runs):
     dp1 = dp_runs["dp1"]["optimizer_state_bytes"]
     dp2 = dp_runs["fp32_rs"]["optimizer_state_bytes"]
     assert dp2 == pytest.approx(dp1 / 2, rel=1e-3)  # padding to the shard count aside
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(
+    "nproc,layout",
+    [
+        (4, ("parallel.n=2", "parallel.pp=2")),
+        (8, ("parallel.n=2", "parallel.pp=2", "parallel.dp=2")),
+    ],
+    ids=["pp2xn2", "dp2xpp2xn2"],
+)
+def test_pipelined_layouts_match_the_reference(demo_data, tmp_path, nproc, layout):
+    micro = ("train.micro_batch=4",)
+    _, ref = _train(demo_data, tmp_path, 1, *layout, *micro)
+    _, par = _train(demo_data, tmp_path, nproc, *layout, *micro)
+    assert par["losses"] == pytest.approx(ref["losses"], rel=1e-5)
+    pipe = par["pipeline"]
+    replicas = 2 if "parallel.dp=2" in layout else 1
+    assert pipe["stages"] == 2 and pipe["micro_batches"] == 16 // (4 * replicas)
+    assert pipe["bubble_theory"] == pytest.approx(1 / (pipe["micro_batches"] + 1))
+    assert 0 < pipe["bubble_measured"] < 1  # its accuracy is a benchmark: bench/pipeline.py
+    # rank 0 (stage 0) sends each micro-batch's activations [4, 128 / n, 128] in fp32 once
+    sent = STEPS * pipe["micro_batches"] * 4 * (128 // 2) * 128 * 4
+    assert par["comm_bytes_by_tag"]["pp_act"] == sent
+
+
+@pytest.mark.timeout(600)
+def test_short_convergence_bf16_a2a_tracks_fp32_rs(demo_data, tmp_path):
+    """The short version of bench/convergence.py: 40 steps at dp = 2, same seed and data."""
+    runs = {}
+    for gs in ("fp32_rs", "bf16_a2a"):
+        _, s = _train(demo_data, tmp_path, 2, "parallel.n=1", "parallel.dp=2", "train.steps=40",
+                      f"comm.grad_sync={gs}")  # fmt: skip
+        runs[gs] = s["losses"]
+    assert len(runs["fp32_rs"]) == 40
+    assert runs["fp32_rs"][-1] < 0.8 * runs["fp32_rs"][0]  # it is learning
+
+    def smooth(xs, w=10):
+        return [
+            sum(xs[max(0, i - w + 1) : i + 1]) / len(xs[max(0, i - w + 1) : i + 1])
+            for i in range(len(xs))
+        ]
+
+    gaps = [
+        abs(a - b) / a
+        for a, b in zip(smooth(runs["fp32_rs"]), smooth(runs["bf16_a2a"]), strict=True)
+    ]
+    assert max(gaps) < 0.02  # the bound bench/convergence.py states for 300 steps
