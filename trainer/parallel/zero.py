@@ -26,6 +26,11 @@ The DP sync (``comm.grad_sync``):
   buffer's own memory and the all-to-all lands in the second half, so no
   extra full-size buffer is allocated.
 
+The hierarchical sync is pipelined in ``SYNC_CHUNKS`` chunks: the buffer is laid
+out as [n, dp, chunks, c], so rank (i, d) owns the contiguous block [i, d]
+and chunk k's inter-node step can run while chunk k + 1 is still reduced
+inside the node (asynchronous collectives on both groups).
+
 Optimizer-state bytes per rank therefore shrink as 1 / dp (1 / (n dp) for the
 replicated class).
 """
@@ -40,6 +45,9 @@ from torch import nn
 
 from trainer.config import TrainConfig
 from trainer.parallel.comm import Comm
+
+# Chunks of the hierarchical (intra-node, then inter-node) sync of replicated gradients.
+SYNC_CHUNKS = 4
 
 
 @dataclass
@@ -112,7 +120,9 @@ class ZeroOptimizer:
         return slice(start, start + size)
 
     def _flatten(self, params: list[nn.Parameter], replicated: bool, decay: bool) -> FlatGroup:
-        ways = self.n_comm.size * self.dp_comm.size if replicated else self.dp_comm.size
+        ways = (
+            self.n_comm.size * self.dp_comm.size * SYNC_CHUNKS if replicated else self.dp_comm.size
+        )
         total = _pad_to(sum(p.numel() for p in params), ways)
         device = params[0].device
         data = torch.zeros(total, dtype=torch.float32, device=device)
@@ -135,15 +145,39 @@ class ZeroOptimizer:
     def reduce_gradients(self) -> None:
         """Sum gradients over their sync class; leaves each group's shard in master.grad."""
         for g in self.groups:
+            if g.replicated and self.n_comm.size > 1 and self.dp_comm.size > 1:
+                g.master.grad = self._hierarchical_reduce(g)
+                continue
             buf = g.grad
             if g.replicated and self.n_comm.size > 1:
                 buf = self.n_comm.reduce_scatter(buf, "grad_rs_node")
             if self.dp_comm.size > 1:
-                if self.grad_sync == "bf16_a2a":
-                    buf = bf16_a2a_sync(buf, self.dp_comm, "grad_dp")  # consumes buf
-                else:
-                    buf = self.dp_comm.reduce_scatter(buf, "grad_dp")
+                buf = self._dp_reduce(buf)
             g.master.grad = buf if buf is not g.grad else g.grad[g.shard]
+
+    def _dp_reduce(self, buf: torch.Tensor, async_op: bool = False):
+        if self.grad_sync == "bf16_a2a":
+            return bf16_a2a_sync(buf, self.dp_comm, "grad_dp")  # consumes buf
+        return self.dp_comm.reduce_scatter(buf, "grad_dp", async_op=async_op)
+
+    def _blocks(self, flat: torch.Tensor) -> torch.Tensor:
+        """The buffer as [n, dp, K, c]: rank (i, d) owns [i, d], chunk k is [:, :, k]."""
+        return flat.view(self.n_comm.size, self.dp_comm.size, SYNC_CHUNKS, -1)
+
+    def _hierarchical_reduce(self, g: FlatGroup) -> torch.Tensor:
+        """Intra-node reduce-scatter, then the DP sync, pipelined over SYNC_CHUNKS chunks:
+        chunk k crosses nodes while chunk k + 1 is still being reduced inside the node."""
+        blocks = self._blocks(g.grad)
+        intra = [
+            self.n_comm.reduce_scatter(blocks[:, :, k].reshape(-1), "grad_rs_node", async_op=True)
+            for k in range(SYNC_CHUNKS)
+        ]
+        pieces = []
+        for pending in intra:
+            node_sum = pending.wait()  # [dp * c]: this node-rank's part of chunk k
+            pieces.append(self._dp_reduce(node_sum, async_op=self.grad_sync == "fp32_rs"))
+        pieces = [p.wait() if hasattr(p, "wait") else p for p in pieces]
+        return torch.cat(pieces)  # [K * c] = this rank's shard, in buffer order
 
     def shard_sq_norm(self) -> torch.Tensor:
         """Sum of squares of this rank's gradient shards (disjoint across all ranks)."""
@@ -161,6 +195,9 @@ class ZeroOptimizer:
     def gather_params(self) -> None:
         """All-gather the updated shards back into every replica's parameters."""
         for g in self.groups:
+            if g.replicated and self.n_comm.size > 1 and self.dp_comm.size > 1:
+                self._hierarchical_gather(g)
+                continue
             shard = g.data[g.shard]
             if self.dp_comm.size > 1:
                 shard = self.dp_comm.all_gather(shard, "param_ag_dp")
@@ -168,6 +205,18 @@ class ZeroOptimizer:
                 shard = self.n_comm.all_gather(shard, "param_ag_node")
             if shard.data_ptr() != g.data.data_ptr():
                 g.data.copy_(shard)
+
+    def _hierarchical_gather(self, g: FlatGroup) -> None:
+        """Inter-node all-gather, then intra-node, pipelined over the same chunks."""
+        blocks = self._blocks(g.data)
+        mine = blocks[self.n_comm.rank, self.dp_comm.rank]  # [K, c]
+        inter = [
+            self.dp_comm.all_gather(mine[k].clone(), "param_ag_dp", async_op=True)
+            for k in range(SYNC_CHUNKS)
+        ]
+        intra = [self.n_comm.all_gather(p.wait(), "param_ag_node", async_op=True) for p in inter]
+        for k, pending in enumerate(intra):
+            blocks[:, :, k].copy_(pending.wait().view(self.n_comm.size, self.dp_comm.size, -1))
 
     def state_bytes(self) -> int:
         """Bytes of AdamW state (exp_avg, exp_avg_sq, step) held by this rank."""
