@@ -49,8 +49,8 @@ def _layer_step(ctx, x, router_w, w1, w3, w2):
     _, coef = moe.balance_fwd(ctx, probs, ids)
     fwd = moe.a2a_forward if ctx.ffn_mode == "ep_a2a" else moe.gathered_forward
     bwd = moe.a2a_backward if ctx.ffn_mode == "ep_a2a" else moe.gathered_backward
-    out = fwd(ctx, x, ids, gates, scores, w1, w3, w2, saved)
-    _, d_gates, _ = bwd(ctx, torch.ones_like(out), x, w1, w3, w2, saved)
+    out = fwd(ctx, x, ids, gates, scores, w1, w3, w2, saved)[0].wait()
+    _, d_gates, *_ = bwd(ctx, torch.ones_like(out), lambda: x, w1, w3, w2, saved)
     moe.router_bwd(ctx, d_gates, 1.0, probs, scores, ids, x, router_w, coef)
     return saved["dropped"]
 

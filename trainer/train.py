@@ -86,6 +86,8 @@ class StepResult:
     assignments: int
     skipped: bool
     bubble: float | None = None  # measured pipeline bubble fraction (pipelined runs)
+    comm_s: float | None = None  # this rank's collective seconds in the step
+    exposed_s: float | None = None  # of which the compute thread was blocked
 
 
 def train_step(
@@ -161,10 +163,10 @@ def unbuilt_notes(cfg: Config) -> list[str]:
     if cfg.checkpoint.interval or cfg.checkpoint.dir:
         notes.append("checkpoint.* is set but checkpointing is not available yet: no checkpoints")
     c = cfg.comm
-    if c.overlap or c.chunks > 1 or c.fp8:
+    if c.chunks > 1 or c.fp8:
         notes.append(
-            "comm.overlap / comm.chunks / comm.fp8 are set but overlap, chunking and FP8 "
-            "communication are not available yet: plain collectives, in order"
+            "comm.chunks / comm.fp8 are set but intra-operator chunking and FP8 "
+            "communication are not available yet: whole collectives, BF16/FP32 payloads"
         )
     if cfg.observe.metrics_port:
         notes.append("observe.metrics_port is set but the Prometheus exporter is not available yet")
@@ -269,6 +271,7 @@ def run(cfg: Config, w: Worker, summary_path: str | None, out: TextIO) -> dict[s
             StepRecord(
                 step, result.loss, result.balance_loss, lr_at(step, cfg.train), result.grad_norm,
                 seconds, tokens_per_step, result.dropped, result.assignments, result.skipped,
+                result.comm_s, result.exposed_s,
             )
         )  # fmt: skip
     stats = w.comms.world.stats if w.comms else None
@@ -279,6 +282,7 @@ def run(cfg: Config, w: Worker, summary_path: str | None, out: TextIO) -> dict[s
         optimizer_state_bytes=optimizer_state_bytes(optimizer),
         pipeline=_pipeline_summary(cfg, bubbles),
         comm=stats.to_dict() if stats else {},
+        overlap_ratio=stats.overlap_ratio() if stats else None,
         comm_per_step=stats.per_step(cfg.train.steps) if stats else {},
         comm_bytes_by_tag=dict(sorted(stats.tags.items())) if stats else {},
         device=str(w.device),

@@ -16,13 +16,14 @@ COMBOS = [(a, f) for a in ("sp", "tp") for f in ("ep_a2a", "ep_agrs", "tp")]
 TOL = 1e-5
 
 
-def _compare(rank, world, attention, ffn, capacity_factor):
+def _compare(rank, world, attention, ffn, capacity_factor, overlap=False):
     cfg = small_config(
         world,
         "model.shared_experts=1",
         f"parallel.attention={attention}",
         f"parallel.ffn={ffn}",
         f"model.capacity_factor={capacity_factor}",
+        f"comm.overlap={overlap}",
     )
     ref, ref_loss, ref_stats, model, comm, x, y = reference_and_parallel(cfg, rank, world)
     logits, bal, stats = model(x)
@@ -57,7 +58,10 @@ def _compare(rank, world, attention, ffn, capacity_factor):
 
 
 def _all_layouts(rank, world):
-    return {(a, f, cf): _compare(rank, world, a, f, cf) for a, f in COMBOS for cf in (0.0, 1.0)}
+    results = {(a, f, cf): _compare(rank, world, a, f, cf) for a, f in COMBOS for cf in (0.0, 1.0)}
+    for a, f in COMBOS:
+        results[(a, f, "overlap")] = _compare(rank, world, a, f, 1.0, overlap=True)
+    return results
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"{w}ranks")
@@ -91,3 +95,14 @@ def test_drop_counts_follow_the_device_level_rule(results, attention, ffn):
         assert r["dropped"] == r["ref_dropped"]
         assert r["loss"] == pytest.approx(r["ref_loss"], rel=TOL)
         assert max(r["grad_err"].values()) < TOL
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("attention,ffn", COMBOS)
+def test_inter_operator_overlap_changes_nothing_but_timing(results, attention, ffn):
+    _, by_rank = results
+    for res in by_rank:
+        plain, overlapped = res[(attention, ffn, 1.0)], res[(attention, ffn, "overlap")]
+        assert overlapped["loss"] == pytest.approx(plain["loss"], rel=1e-6)
+        assert overlapped["dropped"] == plain["dropped"]
+        assert max(overlapped["grad_err"].values()) < TOL

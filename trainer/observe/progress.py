@@ -26,6 +26,8 @@ class StepRecord:
     dropped: int
     assignments: int
     skipped: bool
+    comm_s: float | None = None  # rank 0's collective seconds this step (multi-rank runs)
+    exposed_s: float | None = None  # of which the compute thread waited
 
 
 @dataclass
@@ -57,6 +59,9 @@ class RunLog:
             f"| {tps / 1e3:8.2f}k tok/s | MFU {100 * self.mfu(tps):5.2f}% "
             f"| dropped {dropped:5.2f}% | {rec.seconds * 1e3:7.1f} ms"
         )
+        if rec.exposed_s is not None:
+            overlap = 1.0 - rec.exposed_s / rec.comm_s if rec.comm_s else 0.0
+            text += f" | comm exposed {rec.exposed_s * 1e3:6.1f} ms (overlap {100 * overlap:4.1f}%)"
         return text + (" | SKIPPED (non-finite gradient)" if rec.skipped else "")
 
     def summary(self, **extra: Any) -> dict[str, Any]:
@@ -81,5 +86,6 @@ class RunLog:
             "dropped_tokens": dropped,
             "dropped_fraction": dropped / assignments if assignments else 0.0,
             "skipped_steps": sum(r.skipped for r in recs),
+            "comm_exposed_s_per_step": [r.exposed_s for r in recs if r.exposed_s is not None],
             **extra,
         }

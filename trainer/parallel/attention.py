@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from trainer.parallel.comm import Then
 from trainer.parallel.ops import (
     attention_bwd,
     attention_fwd,
@@ -32,27 +33,10 @@ from trainer.parallel.ops import (
 )
 
 
-def seq_all_gather(ctx, t_BLX: torch.Tensor, tag: str) -> torch.Tensor:
-    """[B, L, X] on each rank -> [B, S, X] (rank j's shard is sequence chunk j)."""
-    B, L, X = t_BLX.shape
-    out = ctx.comm.all_gather(t_BLX.reshape(B * L, X), tag)
-    return out.view(ctx.n, B, L, X).permute(1, 0, 2, 3).reshape(B, ctx.n * L, X)
-
-
-def seq_reduce_scatter(ctx, t_BSX: torch.Tensor, tag: str) -> torch.Tensor:
-    """[B, S, X] partial sums -> summed [B, L, X] of this rank's sequence chunk."""
-    B, S, X = t_BSX.shape
-    L = S // ctx.n
-    chunks = t_BSX.view(B, ctx.n, L, X).permute(1, 0, 2, 3).reshape(ctx.n * B * L, X)
-    return ctx.comm.reduce_scatter(chunks, tag).view(B, L, X)
-
-
-def _heads_to_ranks(q, k, v, n):
-    """[B, L, heads, D] x3 -> [n, B, L, Nl + 2 Gl, D]: chunk j holds rank j's heads."""
-    B, L, N, D = q.shape
-    G = k.shape[2]
-    parts = [q.view(B, L, n, N // n, D), k.view(B, L, n, G // n, D), v.view(B, L, n, G // n, D)]
-    return torch.cat(parts, dim=3).permute(2, 0, 1, 3, 4).contiguous()
+def _to_ranks(t_BLXD: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, L, heads, D] -> [n, B, L, heads / n, D]: chunk j holds rank j's heads."""
+    B, L, X, D = t_BLXD.shape
+    return t_BLXD.view(B, L, n, X // n, D).permute(2, 0, 1, 3, 4).contiguous()
 
 
 def _split_local_heads(ctx, qkv_BSXD):
@@ -62,88 +46,126 @@ def _split_local_heads(ctx, qkv_BSXD):
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
-def _a2a_heads_to_seq(ctx, t_BSXD, tag):
-    """Head-sharded full sequence [B, S, X, D] -> [n, B, L, X, D] from every head group."""
+def _issue_heads_to_seq(ctx, t_BSXD, tag):
+    """Head-sharded full sequence [B, S, X, D] -> handle of [n, B, L, X, D] (every head group)."""
     B, S, X, D = t_BSXD.shape
     L = S // ctx.n
     send = t_BSXD.view(B, ctx.n, L, X, D).permute(1, 0, 2, 3, 4).reshape(ctx.n * B * L, X * D)
-    return ctx.comm.all_to_all(send, None, None, tag).view(ctx.n, B, L, X, D)
+    handle = ctx.issue(ctx.comm.all_to_all, send, None, None, tag)
+    return Then(handle, lambda recv: recv.view(ctx.n, B, L, X, D))
 
 
-def _a2a_seq_to_heads(ctx, send_nBLXD, tag):
-    """[n, B, L, X, D] (chunk j for rank j) -> [B, S, X, D] over the full sequence."""
+def _issue_seq_to_heads(ctx, send_nBLXD, tag):
+    """[n, B, L, X, D] (chunk j for rank j) -> handle of [B, S, X, D] over the full sequence."""
     n, B, L, X, D = send_nBLXD.shape
-    recv = ctx.comm.all_to_all(send_nBLXD.reshape(n * B * L, X * D), None, None, tag)
-    return recv.view(n, B, L, X, D).permute(1, 0, 2, 3, 4).reshape(B, n * L, X, D)
+    handle = ctx.issue(ctx.comm.all_to_all, send_nBLXD.reshape(n * B * L, X * D), None, None, tag)
+    return Then(
+        handle, lambda r: r.view(n, B, L, X, D).permute(1, 0, 2, 3, 4).reshape(B, n * L, X, D)
+    )
 
 
-def _qkv_rope(ctx, qkv_BSX, positions, n_q, n_kv, inverse=False):
-    B, S, _ = qkv_BSX.shape
-    D = ctx.head_dim
-    q, k, v = qkv_BSX.split([n_q * D, n_kv * D, n_kv * D], dim=-1)
-    q = rope(q.reshape(B, S, n_q, D), positions, ctx.rope_theta, inverse)
-    k = rope(k.reshape(B, S, n_kv, D), positions, ctx.rope_theta, inverse)
-    return q, k, v.reshape(B, S, n_kv, D)
+def _rope_heads(ctx, t_BLX, positions, heads, inverse=False):
+    B, L, _ = t_BLX.shape
+    return rope(t_BLX.reshape(B, L, heads, ctx.head_dim), positions, ctx.rope_theta, inverse)
 
 
 def sp_forward(ctx, x, ln1_w, wqkv, wo, saved):
+    """Overlap: the q all-to-all runs while the k/v projections are computed."""
     L = x.shape[1]
+    nq = ctx.heads * ctx.head_dim
+    pos = ctx.local_positions(L)
     ln1 = rmsnorm_fwd(x, ln1_w, ctx.eps)
-    q, k, v = _qkv_rope(ctx, ln1 @ wqkv.T, ctx.local_positions(L), ctx.heads, ctx.kv_heads)
-    qkv_a2a = _a2a_seq_to_heads(ctx, _heads_to_ranks(q, k, v, ctx.n), "attn_qkv")
+    q = _rope_heads(ctx, ln1 @ wqkv[:nq].T, pos, ctx.heads)
+    q_handle = _issue_seq_to_heads(ctx, _to_ranks(q, ctx.n), "attn_qkv")
+    k, v = (ln1 @ wqkv[nq:].T).split(nq // ctx.heads * ctx.kv_heads, dim=-1)
+    k = _rope_heads(ctx, k, pos, ctx.kv_heads)
+    kv = torch.cat([_to_ranks(k, ctx.n), _to_ranks(v.reshape(k.shape), ctx.n)], dim=3)
+    kv_handle = _issue_seq_to_heads(ctx, kv, "attn_qkv")
+    qkv_a2a = torch.cat([q_handle.wait(), kv_handle.wait()], dim=2)  # [B, S, Nl + 2 Gl, D]
     out, lse = attention_fwd(*_split_local_heads(ctx, qkv_a2a))
     saved.update(qkv_a2a=qkv_a2a, attn_out=out, attn_lse=lse)
-    attn_a2a = _sp_output_a2a(ctx, out, "attn_out")
+    attn_a2a = _sp_output_a2a(ctx, out, "attn_out").wait()
     return x + attn_a2a @ wo.T
 
 
 def _sp_output_a2a(ctx, out_BNSD, tag):
-    """Head-sharded attention output -> [B, L, N * D] with heads in global order."""
-    recv = _a2a_heads_to_seq(ctx, out_BNSD.transpose(1, 2), tag)  # [n, B, L, Nl, D]
-    n, B, L, nl, D = recv.shape
-    return recv.permute(1, 2, 0, 3, 4).reshape(B, L, n * nl * D)
+    """Head-sharded attention output -> handle of [B, L, N * D], heads in global order."""
+
+    def merge(recv):  # [n, B, L, Nl, D]
+        n, B, L, nl, D = recv.shape
+        return recv.permute(1, 2, 0, 3, 4).reshape(B, L, n * nl * D)
+
+    return Then(_issue_heads_to_seq(ctx, out_BNSD.transpose(1, 2), tag), merge)
 
 
 def sp_backward(ctx, d_h, x, ln1_w, wqkv, wo, saved):
+    """Overlap: dW_o while d(attn) is all-to-all'd; the norm is recomputed while d(qkv) is."""
     B, L, _ = x.shape
     nl, gl, D = ctx.heads // ctx.n, ctx.kv_heads // ctx.n, ctx.head_dim
-    attn_a2a = _sp_output_a2a(ctx, saved["attn_out"], "attn_out")  # SAR: re-communicate
-    d_attn_a2a, d_wo = linear_bwd(d_h, attn_a2a, wo)
+    attn_handle = _sp_output_a2a(ctx, saved["attn_out"], "attn_out")  # SAR: re-communicate
+    d_attn_a2a = d_h @ wo
     send = d_attn_a2a.view(B, L, ctx.n, nl, D).permute(2, 0, 1, 3, 4)
-    d_out = _a2a_seq_to_heads(ctx, send, "attn_out").transpose(1, 2)
+    d_out_handle = _issue_seq_to_heads(ctx, send, "attn_out")
+    _, d_wo = linear_bwd(d_h, attn_handle.wait(), wo)
+    d_out = d_out_handle.wait().transpose(1, 2)
     q, k, v = _split_local_heads(ctx, saved["qkv_a2a"])
     dq, dk, dv = attention_bwd(d_out, q, k, v, saved["attn_out"], saved["attn_lse"])
     d_local = torch.cat([dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)], dim=2)
-    recv = _a2a_heads_to_seq(ctx, d_local, "attn_qkv")  # [n, B, L, Nl + 2 Gl, D]
-    dq_, dk_, dv_ = recv.split([nl, gl, gl], dim=3)
+    back = _issue_heads_to_seq(ctx, d_local, "attn_qkv")
+    ln1 = rmsnorm_fwd(x, ln1_w, ctx.eps)  # SAR: recompute the norm while d(qkv) travels
+    dq_, dk_, dv_ = back.wait().split([nl, gl, gl], dim=3)  # each [n, B, L, heads / n, D]
     pos = ctx.local_positions(L)
     dq_ = rope(dq_.permute(1, 2, 0, 3, 4).reshape(B, L, ctx.heads, D), pos, ctx.rope_theta, True)
     dk_ = rope(dk_.permute(1, 2, 0, 3, 4).reshape(B, L, ctx.kv_heads, D), pos, ctx.rope_theta, True)
     dv_ = dv_.permute(1, 2, 0, 3, 4).reshape(B, L, ctx.kv_heads * D)
     d_qkv = torch.cat([dq_.reshape(B, L, -1), dk_.reshape(B, L, -1), dv_], dim=-1)
-    ln1 = rmsnorm_fwd(x, ln1_w, ctx.eps)  # SAR: recompute the norm
     d_ln1, d_wqkv = linear_bwd(d_qkv, ln1, wqkv)
     dx, d_ln1_w = rmsnorm_bwd(d_ln1, x, ln1_w, ctx.eps)
     return d_h + dx, (d_ln1_w, d_wqkv, d_wo)
 
 
+def _qkv_rope(ctx, qkv_BSX, positions, n_q, n_kv):
+    B, S, _ = qkv_BSX.shape
+    D = ctx.head_dim
+    q, k, v = qkv_BSX.split([n_q * D, n_kv * D, n_kv * D], dim=-1)
+    q = rope(q.reshape(B, S, n_q, D), positions, ctx.rope_theta)
+    k = rope(k.reshape(B, S, n_kv, D), positions, ctx.rope_theta)
+    return q, k, v.reshape(B, S, n_kv, D)
+
+
+def _issue_seq_gather(ctx, t_BLX, tag):
+    B, L, X = t_BLX.shape
+    handle = ctx.issue(ctx.comm.all_gather, t_BLX.reshape(B * L, X), tag)
+    return Then(handle, lambda out: out.view(ctx.n, B, L, X).permute(1, 0, 2, 3).reshape(B, -1, X))
+
+
+def _issue_seq_reduce_scatter(ctx, t_BSX, tag):
+    B, S, X = t_BSX.shape
+    L = S // ctx.n
+    chunks = t_BSX.view(B, ctx.n, L, X).permute(1, 0, 2, 3).reshape(ctx.n * B * L, X)
+    return Then(ctx.issue(ctx.comm.reduce_scatter, chunks, tag), lambda out: out.view(B, L, X))
+
+
 def tp_forward(ctx, x, ln1_w, wqkv, wo, saved):
-    B = x.shape[0]
-    ln1_full = seq_all_gather(ctx, rmsnorm_fwd(x, ln1_w, ctx.eps), "attn_ag")
-    S = ln1_full.shape[1]
+    ln1_full = _issue_seq_gather(ctx, rmsnorm_fwd(x, ln1_w, ctx.eps), "attn_ag").wait()
+    B, S, _ = ln1_full.shape
     nl, gl = ctx.heads // ctx.n, ctx.kv_heads // ctx.n
     q, k, v = _qkv_rope(ctx, ln1_full @ wqkv.T, torch.arange(S, device=x.device), nl, gl)
     qkv = torch.cat([q, k, v], dim=2)
     out, lse = attention_fwd(*_split_local_heads(ctx, qkv))
     saved.update(qkv_a2a=qkv, attn_out=out, attn_lse=lse)
     partial = out.transpose(1, 2).reshape(B, S, nl * ctx.head_dim) @ wo.T
-    return x + seq_reduce_scatter(ctx, partial, "attn_rs")
+    return x + _issue_seq_reduce_scatter(ctx, partial, "attn_rs").wait()
 
 
 def tp_backward(ctx, d_h, x, ln1_w, wqkv, wo, saved):
+    """Overlap: the input is re-normed and re-gathered while d(h) is gathered; dW_qkv runs
+    while d(ln1) is reduce-scattered."""
     B = x.shape[0]
     nl, D = ctx.heads // ctx.n, ctx.head_dim
-    d_partial = seq_all_gather(ctx, d_h, "attn_ag")
+    d_handle = _issue_seq_gather(ctx, d_h, "attn_ag")
+    ln1_handle = _issue_seq_gather(ctx, rmsnorm_fwd(x, ln1_w, ctx.eps), "attn_ag")  # SAR
+    d_partial = d_handle.wait()
     S = d_partial.shape[1]
     out = saved["attn_out"]
     o = out.transpose(1, 2).reshape(B, S, nl * D)
@@ -156,8 +178,8 @@ def tp_backward(ctx, d_h, x, ln1_w, wqkv, wo, saved):
     dq = rope(dq.transpose(1, 2), pos, ctx.rope_theta, True).reshape(B, S, -1)
     dk = rope(dk.transpose(1, 2), pos, ctx.rope_theta, True).reshape(B, S, -1)
     d_qkv = torch.cat([dq, dk, dv.transpose(1, 2).reshape(B, S, -1)], dim=-1)
-    ln1_full = seq_all_gather(ctx, rmsnorm_fwd(x, ln1_w, ctx.eps), "attn_ag")  # SAR: re-gather
-    d_ln1_full, d_wqkv = linear_bwd(d_qkv, ln1_full, wqkv)
-    d_ln1 = seq_reduce_scatter(ctx, d_ln1_full, "attn_rs")
-    dx, d_ln1_w = rmsnorm_bwd(d_ln1, x, ln1_w, ctx.eps)
+    ln1_full = ln1_handle.wait()
+    rs_handle = _issue_seq_reduce_scatter(ctx, d_qkv @ wqkv, "attn_rs")
+    d_wqkv = d_qkv.reshape(-1, d_qkv.shape[-1]).T @ ln1_full.reshape(-1, ln1_full.shape[-1])
+    dx, d_ln1_w = rmsnorm_bwd(rs_handle.wait(), x, ln1_w, ctx.eps)
     return d_h + dx, (d_ln1_w, d_wqkv, d_wo)

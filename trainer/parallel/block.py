@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from trainer.parallel import attention, moe
-from trainer.parallel.comm import Comm
+from trainer.parallel.comm import Comm, Ready
 from trainer.parallel.ops import expert_bwd, rmsnorm_bwd, rmsnorm_fwd
 
 SAR_KEYS = ("x", "qkv_a2a", "attn_out", "h", "fc1", "fc3")
@@ -55,7 +55,14 @@ class LayerCtx:
     rope_theta: float
     eps: float
     forced_routing: bool = False  # balanced fixed routing, for benchmarks and volume tests
+    overlap: bool = False  # comm.overlap: collectives run beside independent computation
     stats: dict[str, Any] = field(default_factory=dict)
+
+    def issue(self, collective, *args, **kwargs):
+        """Start a collective: asynchronous under overlap (wait later), else done now."""
+        if self.overlap:
+            return collective(*args, async_op=True, **kwargs)
+        return Ready(collective(*args, **kwargs))
 
     def local_positions(self, L: int) -> torch.Tensor:
         return torch.arange(self.rank * L, (self.rank + 1) * L)
@@ -97,11 +104,14 @@ class MacroLayer(torch.autograd.Function):
         B, L, H = h.shape
         x2 = rmsnorm_fwd(h, ln2_w, ctx.eps).view(B * L, H)
         probs, scores, ids, gates = moe.router_fwd(ctx, x2, router_w)
-        bal, coef_E = moe.balance_fwd(ctx, probs, ids)
+        stats = moe.balance_issue(ctx, probs, ids)
+        side = (lambda: _shared_fwd(x2, *shared)) if shared else None
         ffn_fwd = moe.a2a_forward if ctx.ffn_mode == "ep_a2a" else moe.gathered_forward
-        out = ffn_fwd(ctx, x2, ids, gates, scores, w1, w3, w2, saved)
+        out, shared_out = ffn_fwd(ctx, x2, ids, gates, scores, w1, w3, w2, saved, side)
+        bal, coef_E = moe.balance_finish(ctx, stats, B * L)  # while the combine travels
+        out = out.wait()
         if shared:
-            out = out + _shared_fwd(x2, *shared)
+            out = out + shared_out
         saved.update(x=x, h=h, probs=probs, scores=scores, ids=ids, coef_E=coef_E)
         fn_ctx.layer, fn_ctx.saved, fn_ctx.params = ctx, saved, params
         # Backward runs outside the caller's autocast; replay the forward's state.
@@ -130,13 +140,16 @@ class MacroLayer(torch.autograd.Function):
         ln1_w, wqkv, wo, ln2_w, router_w, w1, w3, w2, *shared = fn_ctx.params
         h = s["h"]
         B, L, H = h.shape
-        x2 = rmsnorm_fwd(h, ln2_w, ctx.eps).view(B * L, H)  # SAR: recompute the norm
         d_out = dy.reshape(B * L, H)
+        recompute_x2 = lambda: rmsnorm_fwd(h, ln2_w, ctx.eps).view(B * L, H)  # noqa: E731 (SAR)
+        side = (lambda x2: _shared_bwd(d_out, x2, *shared)) if shared else None
         ffn_bwd = moe.a2a_backward if ctx.ffn_mode == "ep_a2a" else moe.gathered_backward
-        d_x2, d_gates, expert_grads = ffn_bwd(ctx, d_out, x2, w1, w3, w2, s)
+        d_x2, d_gates, expert_grads, x2, side_out = ffn_bwd(
+            ctx, d_out, recompute_x2, w1, w3, w2, s, side
+        )
         shared_grads: tuple = ()
         if shared:
-            d_sx, shared_grads = _shared_bwd(d_out, x2, *shared)
+            d_sx, shared_grads = side_out
             d_x2 = d_x2 + d_sx
         d_r, d_router = moe.router_bwd(
             ctx, d_gates, d_bal, s["probs"], s["scores"], s["ids"], x2, router_w, s["coef_E"]

@@ -43,8 +43,22 @@ class CommStats:
     kinds: dict[str, KindStats] = field(default_factory=lambda: defaultdict(KindStats))
     tags: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
+    def totals(self) -> tuple[float, float]:
+        """(wall seconds, exposed seconds) over every kind."""
+        kinds = self.kinds.values()
+        return sum(k.seconds for k in kinds), sum(k.exposed_seconds for k in kinds)
+
+    def overlap_ratio(self) -> float:
+        """1 - exposed / total: the share of collective time hidden behind computation."""
+        total, exposed = self.totals()
+        return 1.0 - exposed / total if total else 0.0
+
     def to_dict(self) -> dict[str, dict[str, float]]:
-        return {k: vars(s).copy() for k, s in sorted(self.kinds.items())}
+        out = {}
+        for kind, s in sorted(self.kinds.items()):
+            out[kind] = vars(s).copy()
+            out[kind]["overlap_ratio"] = 1.0 - s.exposed_seconds / s.seconds if s.seconds else 0.0
+        return out
 
     def per_step(self, steps: int) -> dict[str, dict[str, float]]:
         return {k: {f: v / steps for f, v in s.items()} for k, s in self.to_dict().items()}
@@ -66,6 +80,26 @@ class Pending:
         stats.exposed_seconds += done - blocked
         stats.seconds += done - self.start
         return self.finish() if self.finish else None
+
+
+class Ready:
+    """A collective that already completed (synchronous mode): ``wait()`` returns its result."""
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def wait(self):
+        return self.value
+
+
+class Then:
+    """A handle whose result is post-processed when waited on (reshapes after a collective)."""
+
+    def __init__(self, handle, post) -> None:
+        self.handle, self.post = handle, post
+
+    def wait(self):
+        return self.post(self.handle.wait())
 
 
 def _nbytes(t: torch.Tensor) -> int:

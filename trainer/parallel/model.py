@@ -48,7 +48,7 @@ def layer_ctx(cfg: Config, comm: Comm, rank: int) -> LayerCtx:
         ffn_mode=resolve_ffn_mode(cfg), seq_len=m.seq_len, heads=m.heads, kv_heads=m.kv_heads,
         head_dim=m.head_dim, experts=m.experts, topk=m.topk, norm_topk=m.norm_topk,
         capacity_factor=m.capacity_factor, balance_coef=m.balance_coef,
-        rope_theta=m.rope_theta, eps=m.norm_eps,
+        rope_theta=m.rope_theta, eps=m.norm_eps, overlap=cfg.comm.overlap,
     )  # fmt: skip
 
 

@@ -30,7 +30,8 @@ from __future__ import annotations
 import torch
 
 from trainer.model.router import capacity_keep, group_capacity
-from trainer.parallel.ops import expert_bwd, swiglu_act, swiglu_fwd
+from trainer.parallel.comm import Then
+from trainer.parallel.ops import expert_bwd_data, swiglu_act, swiglu_fwd
 
 # ---------------------------------------------------------------- router
 
@@ -49,17 +50,27 @@ def router_fwd(ctx, x2, router_w):
     return probs, scores, ids, gates
 
 
-def balance_fwd(ctx, probs, ids):
+def balance_issue(ctx, probs, ids):
+    """Start the all-reduce of per-expert selection counts and score sums (2E floats)."""
+    E = ctx.experts
+    stats = torch.cat([torch.bincount(ids.reshape(-1), minlength=E).float(), probs.sum(0)])
+    return ctx.issue(ctx.comm.all_reduce, stats, "router_stats")
+
+
+def balance_finish(ctx, handle, tokens_local):
     """Batch-wide device-level balance loss and d(loss)/d(score) per expert."""
     E, n = ctx.experts, ctx.n
-    stats = torch.cat([torch.bincount(ids.reshape(-1), minlength=E).float(), probs.sum(0)])
-    stats = ctx.comm.all_reduce(stats, "router_stats")
-    T = probs.shape[0] * n
+    stats = handle.wait()
+    T = tokens_local * n
     f_group = (stats[:E] * (E / (ctx.topk * T))).view(n, E // n).mean(-1)
     p_group = (stats[E:] / T).view(n, E // n).sum(-1)
     loss = ctx.balance_coef * (f_group * p_group).sum()
     coef_E = ctx.balance_coef * f_group.repeat_interleave(E // n) / T
     return loss, coef_E
+
+
+def balance_fwd(ctx, probs, ids):
+    return balance_finish(ctx, balance_issue(ctx, probs, ids), probs.shape[0])
 
 
 def router_bwd(ctx, d_gates, d_bal, probs, scores, ids, x2, router_w, coef_E):
@@ -88,26 +99,34 @@ def grouped_fwd(xs, gs, counts, w1, w3, w2):
     return torch.cat(ys), torch.cat(fc1s), torch.cat(fc3s)
 
 
-def grouped_bwd(dys, xs, gs, counts, fc1, fc3, w1, w3, w2):
-    dxs, dgs, dw1, dw3, dw2 = [], [], [], [], []
-    pieces = zip(
-        dys.split(counts), xs.split(counts), gs.split(counts),
-        fc1.split(counts), fc3.split(counts), strict=True,
-    )  # fmt: skip
-    for e, (dy, x, g, a, b) in enumerate(pieces):
-        dx, dg, g1, g3, g2 = expert_bwd(dy, x, a, b, g, w1[e], w3[e], w2[e])
+def grouped_bwd_data(dys, gs, counts, fc1, fc3, w1, w3, w2):
+    """Per expert: dx, dgate, dW2 and the FC1/FC3 output gradients (for the weight part)."""
+    dxs, dgs, dw2, dfc1, dfc3 = [], [], [], [], []
+    pieces = zip(dys.split(counts), gs.split(counts), fc1.split(counts), fc3.split(counts),
+                 strict=True)  # fmt: skip
+    for e, (dy, g, a, b) in enumerate(pieces):
+        dx, dg, g2, d1, d3 = expert_bwd_data(dy, a, b, g, w1[e], w3[e], w2[e])
         dxs.append(dx)
         dgs.append(dg)
-        dw1.append(g1)
-        dw3.append(g3)
         dw2.append(g2)
-    return torch.cat(dxs), torch.cat(dgs), torch.stack(dw1), torch.stack(dw3), torch.stack(dw2)
+        dfc1.append(d1)
+        dfc3.append(d3)
+    return torch.cat(dxs), torch.cat(dgs), torch.stack(dw2), dfc1, dfc3
+
+
+def grouped_bwd_weights(xs, counts, dfc1, dfc3):
+    """dW1, dW3 = x^T d(fc1), x^T d(fc3) per expert: the GEMMs that hide communication."""
+    x_e = xs.split(counts)
+    dw1 = torch.stack([x.T @ d for x, d in zip(x_e, dfc1, strict=True)])
+    dw3 = torch.stack([x.T @ d for x, d in zip(x_e, dfc3, strict=True)])
+    return dw1, dw3
 
 
 # ------------------------------------------------------------- ep_a2a
 
 
-def a2a_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved):
+def a2a_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved, side=None):
+    """Overlap: ``side()`` (the shared expert) runs while the tokens are dispatched."""
     T_l, k = ids.shape
     n, E, El = ctx.n, ctx.experts, ctx.experts // ctx.n
     flat_e = ids.reshape(-1)
@@ -117,12 +136,13 @@ def a2a_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved):
     in_splits = counts_E.view(n, El).sum(1).tolist()
     out_splits = recv_counts.sum(1).tolist()
     token_of = slot_order // k
-    recv_x = ctx.comm.all_to_all(x2[token_of], in_splits, out_splits, "ep_dispatch")
+    x_handle = ctx.issue(ctx.comm.all_to_all, x2[token_of], in_splits, out_splits, "ep_dispatch")
     # float64 carries the global slot index exactly (float32 would stop at 2**24).
     slots = ctx.global_slots(T_l, k).to(device=x2.device, dtype=torch.float64)
     meta = torch.stack([gates.reshape(-1).double(), scores.reshape(-1).double(), slots], dim=1)
-    meta = meta[slot_order]
-    recv_meta = ctx.comm.all_to_all(meta, in_splits, out_splits, "ep_meta")
+    meta_handle = ctx.issue(ctx.comm.all_to_all, meta[slot_order], in_splits, out_splits, "ep_meta")
+    side_out = side() if side else None
+    recv_x, recv_meta = x_handle.wait(), meta_handle.wait()
     local_e = torch.arange(El, device=x2.device).repeat(n).repeat_interleave(recv_counts.flatten())
     keep = _receiver_keep(ctx, recv_meta, T_l * n, k)
     kept = keep.nonzero().squeeze(-1)
@@ -131,14 +151,20 @@ def a2a_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved):
     gs = recv_meta[perm, 0].float()
     ys, fc1, fc3 = grouped_fwd(recv_x[perm], gs, counts, w1, w3, w2)
     y_recv = ys.new_zeros(recv_x.shape).index_copy(0, perm, ys)
-    back = ctx.comm.all_to_all(y_recv, out_splits, in_splits, "ep_combine")
-    out = back.new_zeros(T_l * k, back.shape[-1]).index_copy(0, slot_order, back)
+    back = ctx.issue(ctx.comm.all_to_all, y_recv, out_splits, in_splits, "ep_combine")
     saved.update(
         fc1=fc1, fc3=fc3, slot_order=slot_order, token_of=token_of, perm=perm, counts=counts,
         gs=gs, in_splits=in_splits, out_splits=out_splits, rows=recv_x.shape[0],
     )  # fmt: skip
     saved["dropped"] = recv_x.shape[0] - perm.numel()
     saved["expert_counts"] = counts
+    combined = Then(back, lambda b: _gather_slots(b, slot_order, T_l, k))
+    return combined, side_out
+
+
+def _gather_slots(rows_AH, slot_order, T_l, k):
+    """Rows in dispatch order -> [T_l, H]: back through the row mapping, summed over slots."""
+    out = rows_AH.new_zeros(T_l * k, rows_AH.shape[-1]).index_copy(0, slot_order, rows_AH)
     return out.view(T_l, k, -1).sum(1)
 
 
@@ -155,35 +181,44 @@ def _receiver_keep(ctx, recv_meta, tokens, k):
     return keep
 
 
-def a2a_backward(ctx, d_out, x2, w1, w3, w2, saved):
+def a2a_backward(ctx, d_out, recompute_x2, w1, w3, w2, saved, side=None):
+    """Overlap: the norm is recomputed and the inputs re-dispatched while d(out) is
+    dispatched; ``side()`` runs beside both; dW1/dW3 run while dx is combined."""
     s = saved
     T_l, H = d_out.shape
-    d_send = d_out[s["token_of"]]
-    d_recv = ctx.comm.all_to_all(d_send, s["in_splits"], s["out_splits"], "ep_dispatch")
-    recv_x = ctx.comm.all_to_all(x2[s["token_of"]], s["in_splits"], s["out_splits"], "ep_dispatch")
+    k = ctx.topk
+    splits = (s["in_splits"], s["out_splits"])
+    d_handle = ctx.issue(ctx.comm.all_to_all, d_out[s["token_of"]], *splits, "ep_dispatch")
+    x2 = recompute_x2()
+    x_handle = ctx.issue(ctx.comm.all_to_all, x2[s["token_of"]], *splits, "ep_dispatch")
+    side_out = side(x2) if side else None
     perm = s["perm"]
-    dxs, dgs, dw1, dw3, dw2 = grouped_bwd(
-        d_recv[perm], recv_x[perm], s["gs"], s["counts"], s["fc1"], s["fc3"], w1, w3, w2
+    dxs, dgs, dw2, dfc1, dfc3 = grouped_bwd_data(
+        d_handle.wait()[perm], s["gs"], s["counts"], s["fc1"], s["fc3"], w1, w3, w2
     )
     d_recv_x = dxs.new_zeros(s["rows"], H).index_copy(0, perm, dxs)
-    d_back = ctx.comm.all_to_all(d_recv_x, s["out_splits"], s["in_splits"], "ep_combine")
-    d_x2 = d_back.new_zeros(T_l, H).index_add(0, s["token_of"], d_back)
+    back = ctx.issue(ctx.comm.all_to_all, d_recv_x, s["out_splits"], s["in_splits"], "ep_combine")
     d_g_recv = dgs.new_zeros(s["rows"]).index_copy(0, perm, dgs).double()
-    d_g_send = ctx.comm.all_to_all(d_g_recv, s["out_splits"], s["in_splits"], "ep_meta")
-    k = ctx.topk
+    g_back = ctx.issue(ctx.comm.all_to_all, d_g_recv, s["out_splits"], s["in_splits"], "ep_meta")
+    dw1, dw3 = grouped_bwd_weights(x_handle.wait()[perm], s["counts"], dfc1, dfc3)
+    d_x2 = d_out.new_zeros(T_l, H).index_add(0, s["token_of"], back.wait().to(d_out.dtype))
+    d_g_send = g_back.wait()
     d_gates = d_g_send.new_zeros(T_l * k).index_copy(0, s["slot_order"], d_g_send)
-    return d_x2, d_gates.view(T_l, k).float(), (dw1, dw3, dw2)
+    return d_x2, d_gates.view(T_l, k).float(), (dw1, dw3, dw2), x2, side_out
 
 
 # ------------------------------------------------- ep_agrs and tp (gathered)
 
 
-def gathered_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved):
+def gathered_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved, side=None):
+    """Overlap: ``side()`` (the shared expert) runs while tokens and routing are gathered."""
     T_l, k = ids.shape
     n, El = ctx.n, ctx.experts // ctx.n
-    x_all = ctx.comm.all_gather(x2, "ffn_ag")
-    ids_all = ctx.comm.all_gather(ids, "routing")
-    gs_all = ctx.comm.all_gather(torch.stack([gates, scores], dim=-1), "routing")
+    x_handle = ctx.issue(ctx.comm.all_gather, x2, "ffn_ag")
+    ids_handle = ctx.issue(ctx.comm.all_gather, ids, "routing")
+    gs_handle = ctx.issue(ctx.comm.all_gather, torch.stack([gates, scores], dim=-1), "routing")
+    side_out = side() if side else None
+    x_all, ids_all, gs_all = x_handle.wait(), ids_handle.wait(), gs_handle.wait()
     keep = _global_keep(ctx, gs_all[..., 1], ids_all, T_l)
     if ctx.ffn_mode == "tp":
         mine, first = keep, 0
@@ -197,12 +232,12 @@ def gathered_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved):
     gs = gs_all[..., 0].reshape(-1)[slot_sel]
     ys, fc1, fc3 = grouped_fwd(x_all[tokens], gs, counts, w1, w3, w2)
     full = ys.new_zeros(n * T_l * k, ys.shape[-1]).index_copy(0, slot_sel, ys)
-    out = ctx.comm.reduce_scatter(full.view(n * T_l, k, -1).sum(1), "ffn_rs")
+    out = ctx.issue(ctx.comm.reduce_scatter, full.view(n * T_l, k, -1).sum(1), "ffn_rs")
     owner = ids_all // El == ctx.rank  # drops are counted by the rank owning the group
     saved.update(fc1=fc1, fc3=fc3, slot_sel=slot_sel, tokens=tokens, counts=counts, gs=gs)
     saved["dropped"] = int((~keep & owner).sum())
     saved["expert_counts"] = counts
-    return out
+    return out, side_out
 
 
 def _global_keep(ctx, scores_all, ids_all, T_l):
@@ -216,19 +251,23 @@ def _global_keep(ctx, scores_all, ids_all, T_l):
     return keep_global[to_global]
 
 
-def gathered_backward(ctx, d_out, x2, w1, w3, w2, saved):
+def gathered_backward(ctx, d_out, recompute_x2, w1, w3, w2, saved, side=None):
+    """Overlap: the norm is recomputed and the inputs re-gathered while d(out) is gathered;
+    ``side()`` runs beside both; dW1/dW3 run while dx is reduce-scattered."""
     s = saved
     T_l, H = d_out.shape
-    n = ctx.n
-    d_all = ctx.comm.all_gather(d_out, "ffn_ag")
-    x_all = ctx.comm.all_gather(x2, "ffn_ag")  # SAR: re-gather the expert inputs
+    n, k = ctx.n, ctx.topk
+    d_handle = ctx.issue(ctx.comm.all_gather, d_out, "ffn_ag")
+    x2 = recompute_x2()
+    x_handle = ctx.issue(ctx.comm.all_gather, x2, "ffn_ag")  # SAR: re-gather the inputs
+    side_out = side(x2) if side else None
     tokens = s["tokens"]
-    dxs, dgs, dw1, dw3, dw2 = grouped_bwd(
-        d_all[tokens], x_all[tokens], s["gs"], s["counts"], s["fc1"], s["fc3"], w1, w3, w2
+    dxs, dgs, dw2, dfc1, dfc3 = grouped_bwd_data(
+        d_handle.wait()[tokens], s["gs"], s["counts"], s["fc1"], s["fc3"], w1, w3, w2
     )
     d_x_all = dxs.new_zeros(n * T_l, H).index_add(0, tokens, dxs)
-    d_x2 = ctx.comm.reduce_scatter(d_x_all, "ffn_rs")
-    k = ctx.topk
+    rs = ctx.issue(ctx.comm.reduce_scatter, d_x_all, "ffn_rs")
     d_g_all = dgs.new_zeros(n * T_l * k).index_copy(0, s["slot_sel"], dgs).view(n * T_l, k)
-    d_gates = ctx.comm.reduce_scatter(d_g_all.float(), "routing")
-    return d_x2, d_gates, (dw1, dw3, dw2)
+    g_rs = ctx.issue(ctx.comm.reduce_scatter, d_g_all.float(), "routing")
+    dw1, dw3 = grouped_bwd_weights(x_handle.wait()[tokens], s["counts"], dfc1, dfc3)
+    return rs.wait(), g_rs.wait(), (dw1, dw3, dw2), x2, side_out

@@ -141,10 +141,11 @@ def swiglu_act(fc1, fc3, gate_A):
     return F.silu(fc1) * fc3 * gate_A[:, None].to(fc1.dtype)
 
 
-def expert_bwd(dy_AH, x_AH, fc1, fc3, gate_A, w1, w3, w2):
-    """Backward of fc2(silu(fc1) * fc3 * gate) for one expert's rows.
+def expert_bwd_data(dy_AH, fc1, fc3, gate_A, w1, w3, w2):
+    """Backward of fc2(silu(fc1) * fc3 * gate) up to the input: everything but dW1, dW3.
 
-    Returns (dx, dgate, dw1, dw3, dw2); the activation is recomputed here.
+    Returns (dx, dgate, dw2, d_fc1, d_fc3); the activation is recomputed here.
+    Split from the weight gradients so those can run while dx is communicated.
     """
     sig = torch.sigmoid(fc1)
     act = fc1 * sig * fc3  # silu(fc1) * fc3
@@ -156,4 +157,13 @@ def expert_bwd(dy_AH, x_AH, fc1, fc3, gate_A, w1, w3, w2):
     d_fc3 = d_act * fc1 * sig
     d_fc1 = d_act * fc3 * sig * (1 + fc1 * (1 - sig))
     dx = d_fc1 @ w1.T + d_fc3 @ w3.T
+    return dx, dgate, dw2, d_fc1, d_fc3
+
+
+def expert_bwd(dy_AH, x_AH, fc1, fc3, gate_A, w1, w3, w2):
+    """Backward of fc2(silu(fc1) * fc3 * gate) for one expert's rows.
+
+    Returns (dx, dgate, dw1, dw3, dw2).
+    """
+    dx, dgate, dw2, d_fc1, d_fc3 = expert_bwd_data(dy_AH, fc1, fc3, gate_A, w1, w3, w2)
     return dx, dgate, x_AH.T @ d_fc1, x_AH.T @ d_fc3, dw2

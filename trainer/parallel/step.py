@@ -46,6 +46,7 @@ def parallel_train_step(
     from trainer.train import StepResult
 
     scale = 1.0 / (len(micro_batches) * cfg.parallel.dp)
+    comm_before, exposed_before = comms.world.stats.totals()
     res = runner.run(micro_batches, scale)
     optimizer.reduce_gradients()
     sq = comms.world.all_reduce(optimizer.shard_sq_norm(), "grad_norm")
@@ -65,9 +66,11 @@ def parallel_train_step(
         [res.loss, res.balance / cfg.parallel.n, float(res.dropped), bubble], dtype=torch.float64
     )
     totals = comms.world.all_reduce(totals, "loss")
+    comm_after, exposed_after = comms.world.stats.totals()
     tokens = cfg.train.global_batch * cfg.model.seq_len
     assignments = tokens * cfg.model.topk * cfg.model.layers
     return StepResult(
         float(totals[0]), float(totals[1]), grad_norm, int(totals[2]), assignments, skipped,
         bubble=float(totals[3]) / comms.world.size,
+        comm_s=comm_after - comm_before, exposed_s=exposed_after - exposed_before,
     )  # fmt: skip
