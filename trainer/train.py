@@ -162,11 +162,9 @@ def unbuilt_notes(cfg: Config) -> list[str]:
     notes = []
     if cfg.checkpoint.interval or cfg.checkpoint.dir:
         notes.append("checkpoint.* is set but checkpointing is not available yet: no checkpoints")
-    c = cfg.comm
-    if c.chunks > 1 or c.fp8:
+    if cfg.comm.chunks > 1:
         notes.append(
-            "comm.chunks / comm.fp8 are set but intra-operator chunking and FP8 "
-            "communication are not available yet: whole collectives, BF16/FP32 payloads"
+            "comm.chunks is set but intra-operator chunking is not available yet: whole collectives"
         )
     if cfg.observe.metrics_port:
         notes.append("observe.metrics_port is set but the Prometheus exporter is not available yet")

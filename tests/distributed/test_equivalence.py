@@ -16,7 +16,7 @@ COMBOS = [(a, f) for a in ("sp", "tp") for f in ("ep_a2a", "ep_agrs", "tp")]
 TOL = 1e-5
 
 
-def _compare(rank, world, attention, ffn, capacity_factor, overlap=False):
+def _compare(rank, world, attention, ffn, capacity_factor, overlap=False, fp8=False):
     cfg = small_config(
         world,
         "model.shared_experts=1",
@@ -24,6 +24,7 @@ def _compare(rank, world, attention, ffn, capacity_factor, overlap=False):
         f"parallel.ffn={ffn}",
         f"model.capacity_factor={capacity_factor}",
         f"comm.overlap={overlap}",
+        f"comm.fp8={fp8}",
     )
     ref, ref_loss, ref_stats, model, comm, x, y = reference_and_parallel(cfg, rank, world)
     logits, bal, stats = model(x)
@@ -35,6 +36,7 @@ def _compare(rank, world, attention, ffn, capacity_factor, overlap=False):
     ref_params = dict(ref.named_parameters())
     slicer = Slicer(cfg, model.ctx)
     grad_err = {}
+    diff_sq = ref_sq = 0.0
     for name, p in model.named_parameters():
         ref_name = (
             name.rsplit(".", 1)[0] + "." + p.megamoe_ref if name.startswith("blocks") else name
@@ -46,6 +48,8 @@ def _compare(rank, world, attention, ffn, capacity_factor, overlap=False):
             else (ref_params[ref_name].grad)
         )
         grad_err[name] = ((p.grad - ref_grad).abs().max() / ref_grad.abs().max()).item()
+        diff_sq += (p.grad - ref_grad).pow(2).sum().item()
+        ref_sq += ref_grad.pow(2).sum().item()
     return {
         "loss": totals[0].item(),
         "ref_loss": ref_loss.item(),
@@ -54,6 +58,7 @@ def _compare(rank, world, attention, ffn, capacity_factor, overlap=False):
         "dropped": int(totals[1]),
         "ref_dropped": ref_stats.dropped,
         "grad_err": grad_err,
+        "grad_norm_err": (diff_sq / ref_sq) ** 0.5,  # this rank's share, norm-wise
     }
 
 
@@ -61,6 +66,7 @@ def _all_layouts(rank, world):
     results = {(a, f, cf): _compare(rank, world, a, f, cf) for a, f in COMBOS for cf in (0.0, 1.0)}
     for a, f in COMBOS:
         results[(a, f, "overlap")] = _compare(rank, world, a, f, 1.0, overlap=True)
+        results[(a, f, "fp8")] = _compare(rank, world, a, f, 0.0, overlap=True, fp8=True)
     return results
 
 
@@ -106,3 +112,20 @@ def test_inter_operator_overlap_changes_nothing_but_timing(results, attention, f
         assert overlapped["loss"] == pytest.approx(plain["loss"], rel=1e-6)
         assert overlapped["dropped"] == plain["dropped"]
         assert max(overlapped["grad_err"].values()) < TOL
+
+
+FP8_LOSS_TOL = 1e-3  # relative, against the fp32 reference
+FP8_GRAD_TOL = 0.05  # norm-wise relative error of this rank's gradients (observed 0.007)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("attention,ffn", COMBOS)
+def test_fp8_communication_stays_within_tolerance(results, attention, ffn):
+    # Element-wise comparison is ill-posed here: FP8 rounding in a forward reduction can
+    # flip a near-tied top-k choice, moving a whole token between experts. The loss and
+    # the gradient as a whole must stay close.
+    _, by_rank = results
+    for res in by_rank:
+        r = res[(attention, ffn, "fp8")]
+        assert r["loss"] == pytest.approx(r["ref_loss"], rel=FP8_LOSS_TOL)
+        assert r["grad_norm_err"] < FP8_GRAD_TOL

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from trainer.parallel.comm import Then
+from trainer.parallel.fp8comm import all_gather_fp8, reduce_scatter_fp8
 from trainer.parallel.ops import (
     attention_bwd,
     attention_fwd,
@@ -133,16 +134,21 @@ def _qkv_rope(ctx, qkv_BSX, positions, n_q, n_kv):
     return q, k, v.reshape(B, S, n_kv, D)
 
 
-def _issue_seq_gather(ctx, t_BLX, tag):
+def _issue_seq_gather(ctx, t_BLX, tag, fp8=False):
     B, L, X = t_BLX.shape
-    handle = ctx.issue(ctx.comm.all_gather, t_BLX.reshape(B * L, X), tag)
+    if fp8:
+        handle = all_gather_fp8(ctx, t_BLX.reshape(B * L, X), tag)
+    else:
+        handle = ctx.issue(ctx.comm.all_gather, t_BLX.reshape(B * L, X), tag)
     return Then(handle, lambda out: out.view(ctx.n, B, L, X).permute(1, 0, 2, 3).reshape(B, -1, X))
 
 
-def _issue_seq_reduce_scatter(ctx, t_BSX, tag):
+def _issue_seq_reduce_scatter(ctx, t_BSX, tag, fp8=False):
     B, S, X = t_BSX.shape
     L = S // ctx.n
     chunks = t_BSX.view(B, ctx.n, L, X).permute(1, 0, 2, 3).reshape(ctx.n * B * L, X)
+    if fp8:
+        return Then(reduce_scatter_fp8(ctx, chunks, tag), lambda out: out.view(B, L, X))
     return Then(ctx.issue(ctx.comm.reduce_scatter, chunks, tag), lambda out: out.view(B, L, X))
 
 
@@ -155,7 +161,7 @@ def tp_forward(ctx, x, ln1_w, wqkv, wo, saved):
     out, lse = attention_fwd(*_split_local_heads(ctx, qkv))
     saved.update(qkv_a2a=qkv, attn_out=out, attn_lse=lse)
     partial = out.transpose(1, 2).reshape(B, S, nl * ctx.head_dim) @ wo.T
-    return x + _issue_seq_reduce_scatter(ctx, partial, "attn_rs").wait()
+    return x + _issue_seq_reduce_scatter(ctx, partial, "attn_rs", fp8=ctx.fp8).wait()
 
 
 def tp_backward(ctx, d_h, x, ln1_w, wqkv, wo, saved):
@@ -163,7 +169,7 @@ def tp_backward(ctx, d_h, x, ln1_w, wqkv, wo, saved):
     while d(ln1) is reduce-scattered."""
     B = x.shape[0]
     nl, D = ctx.heads // ctx.n, ctx.head_dim
-    d_handle = _issue_seq_gather(ctx, d_h, "attn_ag")
+    d_handle = _issue_seq_gather(ctx, d_h, "attn_ag", fp8=ctx.fp8)
     ln1_handle = _issue_seq_gather(ctx, rmsnorm_fwd(x, ln1_w, ctx.eps), "attn_ag")  # SAR
     d_partial = d_handle.wait()
     S = d_partial.shape[1]

@@ -42,6 +42,7 @@ class KindStats:
 class CommStats:
     kinds: dict[str, KindStats] = field(default_factory=lambda: defaultdict(KindStats))
     tags: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    nonfinite: int = 0  # non-finite values met by the FP8 codec
 
     def totals(self) -> tuple[float, float]:
         """(wall seconds, exposed seconds) over every kind."""

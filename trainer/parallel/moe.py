@@ -31,6 +31,7 @@ import torch
 
 from trainer.model.router import capacity_keep, group_capacity
 from trainer.parallel.comm import Then
+from trainer.parallel.fp8comm import all_gather_fp8, reduce_scatter_fp8
 from trainer.parallel.ops import expert_bwd_data, swiglu_act, swiglu_fwd
 
 # ---------------------------------------------------------------- router
@@ -88,24 +89,30 @@ def router_bwd(ctx, d_gates, d_bal, probs, scores, ids, x2, router_w, coef_E):
 # ------------------------------------------------------- grouped experts
 
 
-def grouped_fwd(xs, gs, counts, w1, w3, w2):
-    """One FC1/FC3/FC2 GEMM per local expert; returns (y, fc1, fc3) over all rows."""
+def grouped_fwd(xs, gs, counts, w1, w3, w2, gate_after=False):
+    """One FC1/FC3/FC2 GEMM per local expert; returns (y, fc1, fc3) over all rows.
+
+    The gate multiplies before FC2 (the paper's placement), or after it in FP8 mode.
+    """
     fc1s, fc3s, ys = [], [], []
     for e, (x_e, g_e) in enumerate(zip(xs.split(counts), gs.split(counts), strict=True)):
         fc1, fc3 = swiglu_fwd(x_e, w1[e], w3[e])
         fc1s.append(fc1)
         fc3s.append(fc3)
-        ys.append(swiglu_act(fc1, fc3, g_e) @ w2[e])
+        if gate_after:
+            ys.append((swiglu_act(fc1, fc3, torch.ones_like(g_e)) @ w2[e]) * g_e[:, None])
+        else:
+            ys.append(swiglu_act(fc1, fc3, g_e) @ w2[e])
     return torch.cat(ys), torch.cat(fc1s), torch.cat(fc3s)
 
 
-def grouped_bwd_data(dys, gs, counts, fc1, fc3, w1, w3, w2):
+def grouped_bwd_data(dys, gs, counts, fc1, fc3, w1, w3, w2, gate_after=False):
     """Per expert: dx, dgate, dW2 and the FC1/FC3 output gradients (for the weight part)."""
     dxs, dgs, dw2, dfc1, dfc3 = [], [], [], [], []
     pieces = zip(dys.split(counts), gs.split(counts), fc1.split(counts), fc3.split(counts),
                  strict=True)  # fmt: skip
     for e, (dy, g, a, b) in enumerate(pieces):
-        dx, dg, g2, d1, d3 = expert_bwd_data(dy, a, b, g, w1[e], w3[e], w2[e])
+        dx, dg, g2, d1, d3 = expert_bwd_data(dy, a, b, g, w1[e], w3[e], w2[e], gate_after)
         dxs.append(dx)
         dgs.append(dg)
         dw2.append(g2)
@@ -149,7 +156,7 @@ def a2a_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved, side=None):
     perm = kept[torch.sort(local_e[kept], stable=True).indices]
     counts = torch.bincount(local_e[perm], minlength=El).tolist()
     gs = recv_meta[perm, 0].float()
-    ys, fc1, fc3 = grouped_fwd(recv_x[perm], gs, counts, w1, w3, w2)
+    ys, fc1, fc3 = grouped_fwd(recv_x[perm], gs, counts, w1, w3, w2, ctx.fp8)
     y_recv = ys.new_zeros(recv_x.shape).index_copy(0, perm, ys)
     back = ctx.issue(ctx.comm.all_to_all, y_recv, out_splits, in_splits, "ep_combine")
     saved.update(
@@ -194,7 +201,7 @@ def a2a_backward(ctx, d_out, recompute_x2, w1, w3, w2, saved, side=None):
     side_out = side(x2) if side else None
     perm = s["perm"]
     dxs, dgs, dw2, dfc1, dfc3 = grouped_bwd_data(
-        d_handle.wait()[perm], s["gs"], s["counts"], s["fc1"], s["fc3"], w1, w3, w2
+        d_handle.wait()[perm], s["gs"], s["counts"], s["fc1"], s["fc3"], w1, w3, w2, ctx.fp8
     )
     d_recv_x = dxs.new_zeros(s["rows"], H).index_copy(0, perm, dxs)
     back = ctx.issue(ctx.comm.all_to_all, d_recv_x, s["out_splits"], s["in_splits"], "ep_combine")
@@ -230,9 +237,13 @@ def gathered_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved, side=None):
     local_e = ids_all.reshape(-1)[slot_sel] - first
     counts = torch.bincount(local_e, minlength=w1.shape[0]).tolist()
     gs = gs_all[..., 0].reshape(-1)[slot_sel]
-    ys, fc1, fc3 = grouped_fwd(x_all[tokens], gs, counts, w1, w3, w2)
+    ys, fc1, fc3 = grouped_fwd(x_all[tokens], gs, counts, w1, w3, w2, ctx.fp8)
     full = ys.new_zeros(n * T_l * k, ys.shape[-1]).index_copy(0, slot_sel, ys)
-    out = ctx.issue(ctx.comm.reduce_scatter, full.view(n * T_l, k, -1).sum(1), "ffn_rs")
+    summed = full.view(n * T_l, k, -1).sum(1)
+    if ctx.fp8:
+        out = reduce_scatter_fp8(ctx, summed, "ffn_rs")
+    else:
+        out = ctx.issue(ctx.comm.reduce_scatter, summed, "ffn_rs")
     owner = ids_all // El == ctx.rank  # drops are counted by the rank owning the group
     saved.update(fc1=fc1, fc3=fc3, slot_sel=slot_sel, tokens=tokens, counts=counts, gs=gs)
     saved["dropped"] = int((~keep & owner).sum())
@@ -257,13 +268,16 @@ def gathered_backward(ctx, d_out, recompute_x2, w1, w3, w2, saved, side=None):
     s = saved
     T_l, H = d_out.shape
     n, k = ctx.n, ctx.topk
-    d_handle = ctx.issue(ctx.comm.all_gather, d_out, "ffn_ag")
+    if ctx.fp8:
+        d_handle = all_gather_fp8(ctx, d_out, "ffn_ag")
+    else:
+        d_handle = ctx.issue(ctx.comm.all_gather, d_out, "ffn_ag")
     x2 = recompute_x2()
     x_handle = ctx.issue(ctx.comm.all_gather, x2, "ffn_ag")  # SAR: re-gather the inputs
     side_out = side(x2) if side else None
     tokens = s["tokens"]
     dxs, dgs, dw2, dfc1, dfc3 = grouped_bwd_data(
-        d_handle.wait()[tokens], s["gs"], s["counts"], s["fc1"], s["fc3"], w1, w3, w2
+        d_handle.wait()[tokens], s["gs"], s["counts"], s["fc1"], s["fc3"], w1, w3, w2, ctx.fp8
     )
     d_x_all = dxs.new_zeros(n * T_l, H).index_add(0, tokens, dxs)
     rs = ctx.issue(ctx.comm.reduce_scatter, d_x_all, "ffn_rs")

@@ -141,7 +141,7 @@ def swiglu_act(fc1, fc3, gate_A):
     return F.silu(fc1) * fc3 * gate_A[:, None].to(fc1.dtype)
 
 
-def expert_bwd_data(dy_AH, fc1, fc3, gate_A, w1, w3, w2):
+def expert_bwd_data(dy_AH, fc1, fc3, gate_A, w1, w3, w2, gate_after=False):
     """Backward of fc2(silu(fc1) * fc3 * gate) up to the input: everything but dW1, dW3.
 
     Returns (dx, dgate, dw2, d_fc1, d_fc3); the activation is recomputed here.
@@ -150,10 +150,16 @@ def expert_bwd_data(dy_AH, fc1, fc3, gate_A, w1, w3, w2):
     sig = torch.sigmoid(fc1)
     act = fc1 * sig * fc3  # silu(fc1) * fc3
     gate = gate_A[:, None].to(fc1.dtype)
-    dw2 = (act * gate).T @ dy_AH
-    d_in = dy_AH @ w2.T
-    dgate = (d_in * act).sum(-1)
-    d_act = d_in * gate
+    if gate_after:  # y = (act @ w2) * gate: the FP8 recipe's placement
+        dgate = (dy_AH * (act @ w2)).sum(-1)
+        dy_g = dy_AH * gate
+        dw2 = act.T @ dy_g
+        d_act = dy_g @ w2.T
+    else:  # y = (act * gate) @ w2
+        dw2 = (act * gate).T @ dy_AH
+        d_in = dy_AH @ w2.T
+        dgate = (d_in * act).sum(-1)
+        d_act = d_in * gate
     d_fc3 = d_act * fc1 * sig
     d_fc1 = d_act * fc3 * sig * (1 + fc1 * (1 - sig))
     dx = d_fc1 @ w1.T + d_fc3 @ w3.T
