@@ -162,10 +162,6 @@ def unbuilt_notes(cfg: Config) -> list[str]:
     notes = []
     if cfg.checkpoint.interval or cfg.checkpoint.dir:
         notes.append("checkpoint.* is set but checkpointing is not available yet: no checkpoints")
-    if cfg.comm.chunks > 1:
-        notes.append(
-            "comm.chunks is set but intra-operator chunking is not available yet: whole collectives"
-        )
     if cfg.observe.metrics_port:
         notes.append("observe.metrics_port is set but the Prometheus exporter is not available yet")
     return notes

@@ -16,7 +16,7 @@ COMBOS = [(a, f) for a in ("sp", "tp") for f in ("ep_a2a", "ep_agrs", "tp")]
 TOL = 1e-5
 
 
-def _compare(rank, world, attention, ffn, capacity_factor, overlap=False, fp8=False):
+def _compare(rank, world, attention, ffn, capacity_factor, overlap=False, fp8=False, chunks=1):
     cfg = small_config(
         world,
         "model.shared_experts=1",
@@ -25,6 +25,7 @@ def _compare(rank, world, attention, ffn, capacity_factor, overlap=False, fp8=Fa
         f"model.capacity_factor={capacity_factor}",
         f"comm.overlap={overlap}",
         f"comm.fp8={fp8}",
+        f"comm.chunks={chunks}",
     )
     ref, ref_loss, ref_stats, model, comm, x, y = reference_and_parallel(cfg, rank, world)
     logits, bal, stats = model(x)
@@ -67,6 +68,7 @@ def _all_layouts(rank, world):
     for a, f in COMBOS:
         results[(a, f, "overlap")] = _compare(rank, world, a, f, 1.0, overlap=True)
         results[(a, f, "fp8")] = _compare(rank, world, a, f, 0.0, overlap=True, fp8=True)
+        results[(a, f, "chunks")] = _compare(rank, world, a, f, 1.0, overlap=True, chunks=2)
     return results
 
 
@@ -105,12 +107,13 @@ def test_drop_counts_follow_the_device_level_rule(results, attention, ffn):
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("attention,ffn", COMBOS)
-def test_inter_operator_overlap_changes_nothing_but_timing(results, attention, ffn):
+@pytest.mark.parametrize("setting", ["overlap", "chunks"])
+def test_overlap_and_chunks_change_nothing_but_timing(results, attention, ffn, setting):
     _, by_rank = results
     for res in by_rank:
-        plain, overlapped = res[(attention, ffn, 1.0)], res[(attention, ffn, "overlap")]
+        plain, overlapped = res[(attention, ffn, 1.0)], res[(attention, ffn, setting)]
         assert overlapped["loss"] == pytest.approx(plain["loss"], rel=1e-6)
-        assert overlapped["dropped"] == plain["dropped"]
+        assert overlapped["dropped"] == plain["dropped"] == plain["ref_dropped"]
         assert max(overlapped["grad_err"].values()) < TOL
 
 

@@ -86,6 +86,7 @@ LAYOUT_ERRORS = [
         "model.seq_len = 130 is not divisible by parallel.n = 4",
     ),
     (["parallel.n=4", "parallel.ffn=tp", "model.ffn_hidden=250"], 4, "model.ffn_hidden = 250"),
+    (["parallel.n=4", "comm.chunks=3"], 4, "are not divisible by comm.chunks = 3"),
     (
         ["parallel.n=2", "parallel.pp=2", "model.layers=3"],
         4,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from trainer.parallel import pairs
 from trainer.parallel.comm import Then
 from trainer.parallel.fp8comm import all_gather_fp8, reduce_scatter_fp8
 from trainer.parallel.ops import (
@@ -76,15 +77,20 @@ def sp_forward(ctx, x, ln1_w, wqkv, wo, saved):
     nq = ctx.heads * ctx.head_dim
     pos = ctx.local_positions(L)
     ln1 = rmsnorm_fwd(x, ln1_w, ctx.eps)
-    q = _rope_heads(ctx, ln1 @ wqkv[:nq].T, pos, ctx.heads)
-    q_handle = _issue_seq_to_heads(ctx, _to_ranks(q, ctx.n), "attn_qkv")
-    k, v = (ln1 @ wqkv[nq:].T).split(nq // ctx.heads * ctx.kv_heads, dim=-1)
-    k = _rope_heads(ctx, k, pos, ctx.kv_heads)
-    kv = torch.cat([_to_ranks(k, ctx.n), _to_ranks(v.reshape(k.shape), ctx.n)], dim=3)
-    kv_handle = _issue_seq_to_heads(ctx, kv, "attn_qkv")
-    qkv_a2a = torch.cat([q_handle.wait(), kv_handle.wait()], dim=2)  # [B, S, Nl + 2 Gl, D]
+    if ctx.chunks > 1:  # intra-operator: QKV GEMM piece by piece beside its all-to-all
+        qkv_a2a = pairs.qkv_gemm_a2a(ctx, ln1, wqkv, pos, ctx.chunks)
+    else:
+        q = _rope_heads(ctx, ln1 @ wqkv[:nq].T, pos, ctx.heads)
+        q_handle = _issue_seq_to_heads(ctx, _to_ranks(q, ctx.n), "attn_qkv")
+        k, v = (ln1 @ wqkv[nq:].T).split(nq // ctx.heads * ctx.kv_heads, dim=-1)
+        k = _rope_heads(ctx, k, pos, ctx.kv_heads)
+        kv = torch.cat([_to_ranks(k, ctx.n), _to_ranks(v.reshape(k.shape), ctx.n)], dim=3)
+        kv_handle = _issue_seq_to_heads(ctx, kv, "attn_qkv")
+        qkv_a2a = torch.cat([q_handle.wait(), kv_handle.wait()], dim=2)  # [B, S, Nl + 2 Gl, D]
     out, lse = attention_fwd(*_split_local_heads(ctx, qkv_a2a))
     saved.update(qkv_a2a=qkv_a2a, attn_out=out, attn_lse=lse)
+    if ctx.chunks > 1:
+        return x + pairs.a2a_out_gemm(ctx, out, wo, ctx.chunks)
     attn_a2a = _sp_output_a2a(ctx, out, "attn_out").wait()
     return x + attn_a2a @ wo.T
 

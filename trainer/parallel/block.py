@@ -57,6 +57,7 @@ class LayerCtx:
     forced_routing: bool = False  # balanced fixed routing, for benchmarks and volume tests
     overlap: bool = False  # comm.overlap: collectives run beside independent computation
     fp8: bool = False  # comm.fp8: FP8 reductions and backward all-gathers, gate after FC2
+    chunks: int = 1  # comm.chunks: intra-operator pipelining pieces
     stats: dict[str, Any] = field(default_factory=dict)
 
     def issue(self, collective, *args, **kwargs):

@@ -32,6 +32,11 @@ def check_layout(cfg: Config, nproc: int) -> None:
     if nproc > 1:
         if m.seq_len % p.n:
             problems.append(f"model.seq_len = {m.seq_len} is not divisible by parallel.n = {p.n}")
+        if m.seq_len % p.n == 0 and (m.seq_len // p.n) % cfg.comm.chunks:
+            problems.append(
+                f"model.seq_len / parallel.n = {m.seq_len // p.n} local tokens per sequence are "
+                f"not divisible by comm.chunks = {cfg.comm.chunks}"
+            )
         if m.kv_heads % p.n:
             problems.append(
                 f"model.kv_heads = {m.kv_heads} is not divisible by parallel.n = {p.n} "

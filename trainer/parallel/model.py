@@ -49,7 +49,7 @@ def layer_ctx(cfg: Config, comm: Comm, rank: int) -> LayerCtx:
         head_dim=m.head_dim, experts=m.experts, topk=m.topk, norm_topk=m.norm_topk,
         capacity_factor=m.capacity_factor, balance_coef=m.balance_coef,
         rope_theta=m.rope_theta, eps=m.norm_eps, overlap=cfg.comm.overlap,
-        fp8=cfg.comm.fp8,
+        fp8=cfg.comm.fp8, chunks=cfg.comm.chunks,
     )  # fmt: skip
 
 

@@ -30,9 +30,10 @@ from __future__ import annotations
 import torch
 
 from trainer.model.router import capacity_keep, group_capacity
-from trainer.parallel.comm import Then
+from trainer.parallel.comm import Ready, Then
 from trainer.parallel.fp8comm import all_gather_fp8, reduce_scatter_fp8
 from trainer.parallel.ops import expert_bwd_data, swiglu_act, swiglu_fwd
+from trainer.parallel.pairs import ag_grouped_gemm_rs
 
 # ---------------------------------------------------------------- router
 
@@ -89,13 +90,24 @@ def router_bwd(ctx, d_gates, d_bal, probs, scores, ids, x2, router_w, coef_E):
 # ------------------------------------------------------- grouped experts
 
 
-def grouped_fwd(xs, gs, counts, w1, w3, w2, gate_after=False):
-    """One FC1/FC3/FC2 GEMM per local expert; returns (y, fc1, fc3) over all rows.
+def segments_of(counts: list[int]) -> list[tuple[int, int]]:
+    """Rows grouped by expert in expert order: [(expert, rows), ...]."""
+    return list(enumerate(counts))
 
-    The gate multiplies before FC2 (the paper's placement), or after it in FP8 mode.
+
+def _split(t, segments):
+    return t.split([rows for _, rows in segments])
+
+
+def grouped_fwd(xs, gs, segments, w1, w3, w2, gate_after=False):
+    """One FC1/FC3/FC2 GEMM per segment of rows that share an expert; returns (y, fc1, fc3).
+
+    ``segments`` lists (local expert, rows) in row order; an expert may appear in
+    several segments (chunked pipelines). The gate multiplies before FC2 (the
+    paper's placement), or after it in FP8 mode.
     """
     fc1s, fc3s, ys = [], [], []
-    for e, (x_e, g_e) in enumerate(zip(xs.split(counts), gs.split(counts), strict=True)):
+    for (e, _), x_e, g_e in zip(segments, _split(xs, segments), _split(gs, segments), strict=True):
         fc1, fc3 = swiglu_fwd(x_e, w1[e], w3[e])
         fc1s.append(fc1)
         fc3s.append(fc3)
@@ -106,26 +118,28 @@ def grouped_fwd(xs, gs, counts, w1, w3, w2, gate_after=False):
     return torch.cat(ys), torch.cat(fc1s), torch.cat(fc3s)
 
 
-def grouped_bwd_data(dys, gs, counts, fc1, fc3, w1, w3, w2, gate_after=False):
-    """Per expert: dx, dgate, dW2 and the FC1/FC3 output gradients (for the weight part)."""
-    dxs, dgs, dw2, dfc1, dfc3 = [], [], [], [], []
-    pieces = zip(dys.split(counts), gs.split(counts), fc1.split(counts), fc3.split(counts),
-                 strict=True)  # fmt: skip
-    for e, (dy, g, a, b) in enumerate(pieces):
+def grouped_bwd_data(dys, gs, segments, fc1, fc3, w1, w3, w2, gate_after=False):
+    """Per segment: dx, dgate, dW2 (summed per expert) and the FC1/FC3 output gradients."""
+    dxs, dgs, dfc1, dfc3 = [], [], [], []
+    dw2 = torch.zeros_like(w2)
+    pieces = zip(segments, _split(dys, segments), _split(gs, segments), _split(fc1, segments),
+                 _split(fc3, segments), strict=True)  # fmt: skip
+    for (e, _), dy, g, a, b in pieces:
         dx, dg, g2, d1, d3 = expert_bwd_data(dy, a, b, g, w1[e], w3[e], w2[e], gate_after)
         dxs.append(dx)
         dgs.append(dg)
-        dw2.append(g2)
+        dw2[e] += g2
         dfc1.append(d1)
         dfc3.append(d3)
-    return torch.cat(dxs), torch.cat(dgs), torch.stack(dw2), dfc1, dfc3
+    return torch.cat(dxs), torch.cat(dgs), dw2, dfc1, dfc3
 
 
-def grouped_bwd_weights(xs, counts, dfc1, dfc3):
+def grouped_bwd_weights(xs, segments, dfc1, dfc3, w1):
     """dW1, dW3 = x^T d(fc1), x^T d(fc3) per expert: the GEMMs that hide communication."""
-    x_e = xs.split(counts)
-    dw1 = torch.stack([x.T @ d for x, d in zip(x_e, dfc1, strict=True)])
-    dw3 = torch.stack([x.T @ d for x, d in zip(x_e, dfc3, strict=True)])
+    dw1, dw3 = torch.zeros_like(w1), torch.zeros_like(w1)
+    for (e, _), x, d1, d3 in zip(segments, _split(xs, segments), dfc1, dfc3, strict=True):
+        dw1[e] += x.T @ d1
+        dw3[e] += x.T @ d3
     return dw1, dw3
 
 
@@ -156,11 +170,12 @@ def a2a_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved, side=None):
     perm = kept[torch.sort(local_e[kept], stable=True).indices]
     counts = torch.bincount(local_e[perm], minlength=El).tolist()
     gs = recv_meta[perm, 0].float()
-    ys, fc1, fc3 = grouped_fwd(recv_x[perm], gs, counts, w1, w3, w2, ctx.fp8)
+    ys, fc1, fc3 = grouped_fwd(recv_x[perm], gs, segments_of(counts), w1, w3, w2, ctx.fp8)
     y_recv = ys.new_zeros(recv_x.shape).index_copy(0, perm, ys)
     back = ctx.issue(ctx.comm.all_to_all, y_recv, out_splits, in_splits, "ep_combine")
     saved.update(
-        fc1=fc1, fc3=fc3, slot_order=slot_order, token_of=token_of, perm=perm, counts=counts,
+        fc1=fc1, fc3=fc3, slot_order=slot_order, token_of=token_of, perm=perm,
+        segments=segments_of(counts),
         gs=gs, in_splits=in_splits, out_splits=out_splits, rows=recv_x.shape[0],
     )  # fmt: skip
     saved["dropped"] = recv_x.shape[0] - perm.numel()
@@ -201,13 +216,13 @@ def a2a_backward(ctx, d_out, recompute_x2, w1, w3, w2, saved, side=None):
     side_out = side(x2) if side else None
     perm = s["perm"]
     dxs, dgs, dw2, dfc1, dfc3 = grouped_bwd_data(
-        d_handle.wait()[perm], s["gs"], s["counts"], s["fc1"], s["fc3"], w1, w3, w2, ctx.fp8
+        d_handle.wait()[perm], s["gs"], s["segments"], s["fc1"], s["fc3"], w1, w3, w2, ctx.fp8
     )
     d_recv_x = dxs.new_zeros(s["rows"], H).index_copy(0, perm, dxs)
     back = ctx.issue(ctx.comm.all_to_all, d_recv_x, s["out_splits"], s["in_splits"], "ep_combine")
     d_g_recv = dgs.new_zeros(s["rows"]).index_copy(0, perm, dgs).double()
     g_back = ctx.issue(ctx.comm.all_to_all, d_g_recv, s["out_splits"], s["in_splits"], "ep_meta")
-    dw1, dw3 = grouped_bwd_weights(x_handle.wait()[perm], s["counts"], dfc1, dfc3)
+    dw1, dw3 = grouped_bwd_weights(x_handle.wait()[perm], s["segments"], dfc1, dfc3, w1)
     d_x2 = d_out.new_zeros(T_l, H).index_add(0, s["token_of"], back.wait().to(d_out.dtype))
     d_g_send = g_back.wait()
     d_gates = d_g_send.new_zeros(T_l * k).index_copy(0, s["slot_order"], d_g_send)
@@ -221,32 +236,45 @@ def gathered_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved, side=None):
     """Overlap: ``side()`` (the shared expert) runs while tokens and routing are gathered."""
     T_l, k = ids.shape
     n, El = ctx.n, ctx.experts // ctx.n
-    x_handle = ctx.issue(ctx.comm.all_gather, x2, "ffn_ag")
+    chunked = ctx.chunks > 1
+    x_handle = None if chunked else ctx.issue(ctx.comm.all_gather, x2, "ffn_ag")
     ids_handle = ctx.issue(ctx.comm.all_gather, ids, "routing")
     gs_handle = ctx.issue(ctx.comm.all_gather, torch.stack([gates, scores], dim=-1), "routing")
     side_out = side() if side else None
-    x_all, ids_all, gs_all = x_handle.wait(), ids_handle.wait(), gs_handle.wait()
+    ids_all, gs_all = ids_handle.wait(), gs_handle.wait()
     keep = _global_keep(ctx, gs_all[..., 1], ids_all, T_l)
     if ctx.ffn_mode == "tp":
         mine, first = keep, 0
     else:
         mine, first = keep & (ids_all // El == ctx.rank), ctx.rank * El
+    owner = ids_all // El == ctx.rank  # drops are counted by the rank owning the group
+    saved["dropped"] = int((~keep & owner).sum())
+    if chunked:
+        out, piece_saved = ag_grouped_gemm_rs(
+            ctx, x2, mine, gs_all[..., 0], ids_all, first, w1, w3, w2, ctx.chunks
+        )
+        saved.update(piece_saved)
+        counts = [0] * w1.shape[0]
+        for e, rows in piece_saved["segments"]:
+            counts[e] += rows
+        saved["expert_counts"] = counts
+        return Ready(out), side_out
+    x_all = x_handle.wait()
     slots = mine.reshape(-1).nonzero().squeeze(-1)
     slot_sel = slots[torch.sort(ids_all.reshape(-1)[slots], stable=True).indices]
     tokens = slot_sel // k
     local_e = ids_all.reshape(-1)[slot_sel] - first
     counts = torch.bincount(local_e, minlength=w1.shape[0]).tolist()
     gs = gs_all[..., 0].reshape(-1)[slot_sel]
-    ys, fc1, fc3 = grouped_fwd(x_all[tokens], gs, counts, w1, w3, w2, ctx.fp8)
+    ys, fc1, fc3 = grouped_fwd(x_all[tokens], gs, segments_of(counts), w1, w3, w2, ctx.fp8)
     full = ys.new_zeros(n * T_l * k, ys.shape[-1]).index_copy(0, slot_sel, ys)
     summed = full.view(n * T_l, k, -1).sum(1)
     if ctx.fp8:
         out = reduce_scatter_fp8(ctx, summed, "ffn_rs")
     else:
         out = ctx.issue(ctx.comm.reduce_scatter, summed, "ffn_rs")
-    owner = ids_all // El == ctx.rank  # drops are counted by the rank owning the group
-    saved.update(fc1=fc1, fc3=fc3, slot_sel=slot_sel, tokens=tokens, counts=counts, gs=gs)
-    saved["dropped"] = int((~keep & owner).sum())
+    saved.update(fc1=fc1, fc3=fc3, slot_sel=slot_sel, tokens=tokens, gs=gs)
+    saved["segments"] = segments_of(counts)
     saved["expert_counts"] = counts
     return out, side_out
 
@@ -277,11 +305,11 @@ def gathered_backward(ctx, d_out, recompute_x2, w1, w3, w2, saved, side=None):
     side_out = side(x2) if side else None
     tokens = s["tokens"]
     dxs, dgs, dw2, dfc1, dfc3 = grouped_bwd_data(
-        d_handle.wait()[tokens], s["gs"], s["counts"], s["fc1"], s["fc3"], w1, w3, w2, ctx.fp8
+        d_handle.wait()[tokens], s["gs"], s["segments"], s["fc1"], s["fc3"], w1, w3, w2, ctx.fp8
     )
     d_x_all = dxs.new_zeros(n * T_l, H).index_add(0, tokens, dxs)
     rs = ctx.issue(ctx.comm.reduce_scatter, d_x_all, "ffn_rs")
     d_g_all = dgs.new_zeros(n * T_l * k).index_copy(0, s["slot_sel"], dgs).view(n * T_l, k)
     g_rs = ctx.issue(ctx.comm.reduce_scatter, d_g_all.float(), "routing")
-    dw1, dw3 = grouped_bwd_weights(x_handle.wait()[tokens], s["counts"], dfc1, dfc3)
+    dw1, dw3 = grouped_bwd_weights(x_handle.wait()[tokens], s["segments"], dfc1, dfc3, w1)
     return rs.wait(), g_rs.wait(), (dw1, dw3, dw2), x2, side_out

@@ -1,0 +1,129 @@
+"""Intra-operator overlap (``comm.chunks = K``): the communication-bound operator pairs,
+pipelined in K pieces so each piece's communication runs beside the next piece's GEMM.
+
+PAPER.md section 4 fuses these pairs into tile-level GPU kernels (tiles signal
+arrival through flags). This module is the chunk-granularity form of the same
+dependency structure, and the seam where a fused kernel plugs in: each pair is
+one function with plain tensors in and out, and ``block.py`` /
+``attention.py`` / ``moe.py`` call only these functions when ``chunks > 1``.
+A fused implementation replaces a function's body, not the schedule.
+
+* ``qkv_gemm_a2a``: QKV GEMM + RoPE on local token piece c, then its
+  all-to-all to head-sharded layout, while piece c + 1's GEMM runs.
+* ``a2a_out_gemm``: the attention output's all-to-all back in pieces of each
+  destination's local sequence; W_o runs on piece c while c + 1 travels.
+* ``ag_grouped_gemm_rs``: the all-gather of token piece c (from every rank),
+  scatter to local experts, grouped FC1/FC3/FC2 GEMMs (rows sorted by expert,
+  then by source rank), fill & gather, and the reduce-scatter of piece c -
+  the two FFN pairs (AG + scatter + grouped GEMM, grouped GEMM + gather + RS)
+  chained, so piece c + 1 is gathered while c computes and c is reduced while
+  c + 1 computes.
+
+Collectives here are always asynchronous (chunking only makes sense with
+overlap). Results equal the unchunked path up to GEMM summation order; the
+saved tensors for backward have the same layout except the FFN rows, which are
+ordered (piece, expert) and described by ``segments``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trainer.parallel.ops import rope
+
+
+def _rope(ctx, t_BLX, positions, heads):
+    B, L, _ = t_BLX.shape
+    return rope(t_BLX.reshape(B, L, heads, ctx.head_dim), positions, ctx.rope_theta)
+
+
+def _to_ranks(t_BLXD: torch.Tensor, n: int) -> torch.Tensor:
+    B, L, X, D = t_BLXD.shape
+    return t_BLXD.view(B, L, n, X // n, D).permute(2, 0, 1, 3, 4)
+
+
+def qkv_gemm_a2a(ctx, ln1_BLH, wqkv, positions, chunks: int) -> torch.Tensor:
+    """Sequence-sharded ln1 -> head-sharded qkv over the full sequence [B, S, Nl + 2 Gl, D]."""
+    B, L, _ = ln1_BLH.shape
+    n, D, Lc = ctx.n, ctx.head_dim, L // chunks
+    nq, nkv = ctx.heads * D, ctx.kv_heads * D
+    pending = []
+    for c in range(chunks):
+        piece = slice(c * Lc, (c + 1) * Lc)
+        q, k, v = (ln1_BLH[:, piece] @ wqkv.T).split([nq, nkv, nkv], dim=-1)
+        pos = positions[piece]
+        parts = [_rope(ctx, q, pos, ctx.heads), _rope(ctx, k, pos, ctx.kv_heads)]
+        parts.append(v.reshape(B, Lc, ctx.kv_heads, D))
+        send = torch.cat([_to_ranks(t, n) for t in parts], dim=3).contiguous()
+        pending.append(ctx.comm.all_to_all(send.view(n * B * Lc, -1), None, None, "attn_qkv",
+                                           async_op=True))  # fmt: skip
+    x = (ctx.heads + 2 * ctx.kv_heads) // n
+    out = ln1_BLH.new_empty(B, n, L, x, D)
+    for c, handle in enumerate(pending):
+        out[:, :, c * Lc : (c + 1) * Lc] = handle.wait().view(n, B, Lc, x, D).transpose(0, 1)
+    return out.view(B, n * L, x, D)
+
+
+def a2a_out_gemm(ctx, out_BNSD, wo, chunks: int) -> torch.Tensor:
+    """Head-sharded attention output -> W_o applied on this rank's sequence shard [B, L, H]."""
+    B, nl, S, D = out_BNSD.shape
+    n = ctx.n
+    L = S // n
+    Lc = L // chunks
+    o = out_BNSD.transpose(1, 2).reshape(B, n, L, nl, D)
+    pending = []
+    for c in range(chunks):
+        send = o[:, :, c * Lc : (c + 1) * Lc].transpose(0, 1).reshape(n * B * Lc, nl * D)
+        pending.append(ctx.comm.all_to_all(send, None, None, "attn_out", async_op=True))
+    pieces = []
+    for handle in pending:
+        recv = handle.wait().view(n, B, Lc, nl, D).permute(1, 2, 0, 3, 4).reshape(B, Lc, -1)
+        pieces.append(recv @ wo.T)
+    return torch.cat(pieces, dim=1)
+
+
+def ag_grouped_gemm_rs(ctx, x2, mine, gs_all, ids_all, first, w1, w3, w2, chunks: int):
+    """Gathered-FFN forward in pieces of local tokens.
+
+    ``mine`` [n T_l, k]: the (token, slot) pairs this rank computes (in all-gather
+    order: source rank, then local token); ``gs_all`` their gate weights.
+    Returns (out [T_l, H], saved dict for ``moe.gathered_backward``).
+    """
+    from trainer.parallel.fp8comm import reduce_scatter_fp8
+    from trainer.parallel.moe import grouped_fwd
+
+    T_l, H = x2.shape
+    n, k, Tc = ctx.n, ctx.topk, T_l // chunks
+    gathers = [
+        ctx.comm.all_gather(x2[c * Tc : (c + 1) * Tc], "ffn_ag", async_op=True)
+        for c in range(chunks)
+    ]
+    flat_ids, flat_gs = ids_all.reshape(-1), gs_all.reshape(-1)
+    outs, sel, toks, gates, segs, fc1s, fc3s = [], [], [], [], [], [], []
+    for c, handle in enumerate(gathers):
+        rows = (torch.arange(n)[:, None] * T_l + c * Tc + torch.arange(Tc)[None, :]).reshape(-1)
+        slots = mine[rows].reshape(-1).nonzero().squeeze(-1)  # within-piece (row, slot)
+        slots = slots[torch.sort(flat_ids[(rows[slots // k] * k + slots % k)], stable=True).indices]
+        global_slots = rows[slots // k] * k + slots % k
+        counts = torch.bincount(flat_ids[global_slots] - first, minlength=w1.shape[0]).tolist()
+        x_c = handle.wait()
+        g_c = flat_gs[global_slots]
+        ys, fc1, fc3 = grouped_fwd(x_c[slots // k], g_c, list(enumerate(counts)), w1, w3, w2,
+                                   ctx.fp8)  # fmt: skip
+        full = ys.new_zeros(n * Tc * k, H).index_copy(0, slots, ys).view(n * Tc, k, H).sum(1)
+        if ctx.fp8:
+            outs.append(reduce_scatter_fp8(ctx, full, "ffn_rs"))
+        else:
+            outs.append(ctx.comm.reduce_scatter(full, "ffn_rs", async_op=True))
+        sel.append(global_slots)
+        toks.append(rows[slots // k])
+        gates.append(g_c)
+        segs += list(enumerate(counts))
+        fc1s.append(fc1)
+        fc3s.append(fc3)
+    out = torch.cat([h.wait() for h in outs])
+    saved = {
+        "fc1": torch.cat(fc1s), "fc3": torch.cat(fc3s), "slot_sel": torch.cat(sel),
+        "tokens": torch.cat(toks), "gs": torch.cat(gates), "segments": segs,
+    }  # fmt: skip
+    return out, saved
