@@ -7,6 +7,8 @@
   accumulate in low precision along the ring.
 * ``all_gather_fp8``: a backward all-gather carries E4M3 with per-channel
   scales over groups of 128 tokens.
+* ``all_to_all_fp8``: the expert-parallel dispatch and combine of token rows,
+  one scale per row (the optional FP8 token dispatch).
 
 Both return handles (``wait()`` decodes), so they overlap like the plain
 collectives. Payload bytes are booked under the caller's tag, the scales
@@ -58,5 +60,18 @@ def all_gather_fp8(ctx, t_RH: torch.Tensor, tag: str):
             for i in range(n)
         ]
         return torch.cat(parts).to(t_RH.dtype)
+
+    return Then(payload, finish)
+
+
+def all_to_all_fp8(ctx, rows_RH: torch.Tensor, in_splits, out_splits, tag: str):
+    """Token rows to other ranks as E4M3 with one scale per row (dispatch / combine)."""
+    enc = encode_rows(rows_RH)
+    ctx.comm.stats.nonfinite += enc.nonfinite
+    payload = ctx.issue(ctx.comm.all_to_all, enc.payload, in_splits, out_splits, tag)
+    scales = ctx.issue(ctx.comm.all_to_all, enc.scales, in_splits, out_splits, "fp8_scales")
+
+    def finish(_):
+        return decode(Encoded(payload.wait(), scales.wait(), 0)).to(rows_RH.dtype)
 
     return Then(payload, finish)

@@ -31,7 +31,7 @@ import torch
 
 from trainer.model.router import capacity_keep, group_capacity
 from trainer.parallel.comm import Ready, Then
-from trainer.parallel.fp8comm import all_gather_fp8, reduce_scatter_fp8
+from trainer.parallel.fp8comm import all_gather_fp8, all_to_all_fp8, reduce_scatter_fp8
 from trainer.parallel.ops import expert_bwd_data, swiglu_act, swiglu_fwd
 from trainer.parallel.pairs import ag_grouped_gemm_rs
 
@@ -157,7 +157,12 @@ def a2a_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved, side=None):
     in_splits = counts_E.view(n, El).sum(1).tolist()
     out_splits = recv_counts.sum(1).tolist()
     token_of = slot_order // k
-    x_handle = ctx.issue(ctx.comm.all_to_all, x2[token_of], in_splits, out_splits, "ep_dispatch")
+    if ctx.fp8:
+        x_handle = all_to_all_fp8(ctx, x2[token_of], in_splits, out_splits, "ep_dispatch")
+    else:
+        x_handle = ctx.issue(
+            ctx.comm.all_to_all, x2[token_of], in_splits, out_splits, "ep_dispatch"
+        )
     # float64 carries the global slot index exactly (float32 would stop at 2**24).
     slots = ctx.global_slots(T_l, k).to(device=x2.device, dtype=torch.float64)
     meta = torch.stack([gates.reshape(-1).double(), scores.reshape(-1).double(), slots], dim=1)
@@ -172,7 +177,10 @@ def a2a_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved, side=None):
     gs = recv_meta[perm, 0].float()
     ys, fc1, fc3 = grouped_fwd(recv_x[perm], gs, segments_of(counts), w1, w3, w2, ctx.fp8)
     y_recv = ys.new_zeros(recv_x.shape).index_copy(0, perm, ys)
-    back = ctx.issue(ctx.comm.all_to_all, y_recv, out_splits, in_splits, "ep_combine")
+    if ctx.fp8:
+        back = all_to_all_fp8(ctx, y_recv, out_splits, in_splits, "ep_combine")
+    else:
+        back = ctx.issue(ctx.comm.all_to_all, y_recv, out_splits, in_splits, "ep_combine")
     saved.update(
         fc1=fc1, fc3=fc3, slot_order=slot_order, token_of=token_of, perm=perm,
         segments=segments_of(counts),
