@@ -5,6 +5,7 @@ Subcommands available in this build:
 * ``megamoe train --config F [--set section.key=value ...] [--nproc N] [--summary-json PATH]``
 * ``megamoe data prepare --input PATHS --output DIR [--tokenizer byte|bpe] ...``
 * ``megamoe config show --config F [--set ...]`` prints the validated, resolved config.
+* ``megamoe plan --config F --gpus N [--gpu H800] [--global-batch B] [--json] [--search]``
 
 Errors a user can cause (bad config, missing data, bad flags) print one line
 ``megamoe: error: ...`` and exit with status 2; no traceback. torch-heavy
@@ -63,6 +64,12 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from trainer.plan.command import run_plan
+
+    return run_plan(args)
+
+
 def _cmd_data_prepare(args: argparse.Namespace) -> int:
     from trainer.data import prepare_corpus
     from trainer.data.demo import stdlib_sources
@@ -110,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     show = cfg.add_parser("show", help="print the validated config with overrides applied")
     _add_config_args(show)
     show.set_defaults(func=_cmd_config_show)
+
+    plan = sub.add_parser("plan", help="predict iteration time, MFU and memory on a cluster")
+    _add_config_args(plan)
+    plan.add_argument("--gpus", type=int, required=True, help="GPUs in the cluster")
+    plan.add_argument("--gpu", default="H800", help="H800, H100, H200, A100, H20, B200 or cpu")
+    plan.add_argument("--global-batch", type=int, help="sequences per step (train.global_batch)")
+    plan.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    plan.add_argument("--search", action="store_true", help="rank the layouts that fit")
+    plan.set_defaults(func=_cmd_plan)
 
     data = sub.add_parser("data", help="prepare training data").add_subparsers(
         dest="action", required=True, metavar="ACTION"

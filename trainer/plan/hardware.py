@@ -1,0 +1,261 @@
+"""Every physical parameter of the performance model, in one place.
+
+A hardware profile is what one accelerator and its node look like from the
+model's point of view: dense peak FLOP/s, memory and its bandwidth, the
+per-direction NVLink bandwidth inside a node, the per-GPU NIC bandwidth
+across nodes, and how close real kernels and collectives get to those peaks.
+
+Sources of the datasheet numbers (dense, no sparsity):
+
+* Peaks (BF16, TF32): the MFU table of ``trainer.observe.mfu`` (NVIDIA
+  datasheets: H100/H800/H200 SXM 989, A100 312, H20 148, B200 2250 TFLOP/s).
+* Memory and HBM bandwidth: NVIDIA datasheets (H100/H800 SXM 80 GB 3.35 TB/s,
+  H200 141 GB 4.8 TB/s, A100 SXM 80 GB 2.04 TB/s, H20 96 GB 4.0 TB/s,
+  B200 180 GB 8 TB/s as in DGX B200).
+* NVLink: datasheet totals are bidirectional; a collective's bytes leave a
+  GPU in one direction, so the model uses half (H800 400 -> 200 GB/s,
+  H100/H200/H20 900 -> 450, A100 600 -> 300, B200 1800 -> 900).
+* NIC: one NIC per GPU on a rail-optimised fabric: 400 Gb/s = 50 GB/s
+  (ConnectX-7 in HGX/DGX H100, H800 and B200 systems; the paper's "50 GB/s
+  NIC"); A100 (DGX A100) 200 Gb/s = 25 GB/s.
+
+The efficiencies (:class:`Efficiency`) are global constants, the same for
+every NVIDIA profile, chosen once (see docs/PLANNER.md for the reasoning);
+nothing is fitted per model, GPU count or table row. ``"cpu"`` is this
+machine: its GEMM rate and its loopback gloo bandwidth and latency are
+measured by small in-process probes (:func:`cpu_profile`), so the same model
+can later be calibrated against a CPU benchmark.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import threading
+import time
+from dataclasses import dataclass, replace
+
+from trainer.errors import ConfigError
+
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """How close real kernels and collectives get to the datasheet peaks."""
+
+    gemm_dense: float  # large, well-shaped BF16 GEMM (cuBLAS) / peak
+    gemm_grouped: float  # grouped GEMM over several local experts / peak
+    gemm_half_dim: int  # a GEMM dimension of this size halves its share of the tile grid
+    attention: float  # causal flash attention, forward + backward / peak
+    hbm: float  # element-wise kernels: achieved / datasheet HBM bandwidth
+    all_to_all: float  # NVLink all-to-all (send/recv pairs) / per-direction link
+    gather_scatter: float  # NVLink all-gather / reduce-scatter / per-direction link
+    nic: float  # inter-node collectives and pipeline sends / NIC line rate
+    latency_s: float  # fixed cost of one collective call (launch + handshake)
+    chunk_latency_s: float  # extra cost per intra-operator piece (0: fused kernels signal tiles)
+    framework: float  # kernel time / total time: launch gaps, host jitter, sync skew
+    reserved_bytes: float  # per device: runtime context, communicator buffers, allocator slack
+
+
+# The global constants for NVIDIA GPUs. Why these values: docs/PLANNER.md, "Parameters".
+GPU_EFFICIENCY = Efficiency(
+    gemm_dense=0.75,
+    gemm_grouped=0.62,
+    gemm_half_dim=128,
+    attention=0.45,
+    hbm=0.85,
+    all_to_all=0.45,
+    gather_scatter=0.85,
+    nic=0.85,
+    latency_s=25e-6,
+    chunk_latency_s=0.0,
+    framework=0.76,
+    reserved_bytes=4 * GiB,
+)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One accelerator type and its node; bandwidths in bytes/s per GPU and direction."""
+
+    name: str
+    peak_flops: float  # dense BF16 (the MFU denominator)
+    peak_flops_fp32: float  # TF32 tensor cores on GPUs; the probed rate on CPU
+    memory_bytes: float
+    hbm_bw: float
+    nvlink_bw: float  # intra-node, per direction
+    gpus_per_node: int
+    nic_bw: float  # inter-node, per GPU, per direction
+    efficiency: Efficiency
+    source: str = ""
+
+    def peak(self, dtype: str) -> float:
+        return self.peak_flops if dtype == "bf16" else self.peak_flops_fp32
+
+
+def _tflops(name: str) -> tuple[float, float]:
+    from trainer.observe.mfu import GPU_PEAKS_TFLOPS
+
+    bf16, tf32 = GPU_PEAKS_TFLOPS[name]
+    return bf16 * 1e12, tf32 * 1e12
+
+
+def _gpu(name: str, memory_gb: float, hbm_tbs: float, nvlink_bidir_gbs: float, nic_gbit: float):
+    bf16, tf32 = _tflops(name)
+    return Hardware(
+        name=name,
+        peak_flops=bf16,
+        peak_flops_fp32=tf32,
+        memory_bytes=memory_gb * GiB,
+        hbm_bw=hbm_tbs * 1e12,
+        nvlink_bw=nvlink_bidir_gbs / 2 * 1e9,
+        gpus_per_node=8,
+        nic_bw=nic_gbit / 8 * 1e9,
+        efficiency=GPU_EFFICIENCY,
+        source="NVIDIA datasheets; NVLink halved to one direction; one NIC per GPU",
+    )
+
+
+GPUS: dict[str, Hardware] = {
+    "H800": _gpu("H800", 80, 3.35, 400, 400),
+    "H100": _gpu("H100", 80, 3.35, 900, 400),
+    "H200": _gpu("H200", 141, 4.8, 900, 400),
+    "A100": _gpu("A100", 80, 2.039, 600, 200),
+    "H20": _gpu("H20", 96, 4.0, 900, 400),
+    "B200": _gpu("B200", 180, 8.0, 1800, 400),
+}
+
+CPU_NAMES = ("CPU", "THIS", "LOCAL")
+
+
+def known_names() -> list[str]:
+    return [*GPUS, "cpu"]
+
+
+def hardware_profile(name: str) -> Hardware:
+    """The profile called ``name`` (case-insensitive); ``cpu`` probes this machine."""
+    key = name.strip().upper()
+    if key in GPUS:
+        return GPUS[key]
+    if key in CPU_NAMES:
+        return cpu_profile()
+    raise ConfigError(f"unknown --gpu {name!r} (known: {', '.join(known_names())})")
+
+
+# ---------------------------------------------------------------- this machine
+
+# On CPU the probes measure the rates directly, so the efficiencies are 1
+# except where a kernel is known to do worse than the probe's 1024^3 GEMM.
+# `framework` stays 1 until a calibration against a CPU benchmark sets it.
+CPU_EFFICIENCY = Efficiency(
+    gemm_dense=1.0,
+    gemm_grouped=0.9,
+    gemm_half_dim=32,
+    attention=0.5,
+    hbm=1.0,
+    all_to_all=1.0,
+    gather_scatter=1.0,
+    nic=1.0,
+    latency_s=0.0,  # replaced by the measured round trip
+    chunk_latency_s=0.0,  # likewise: chunked collectives are separate gloo calls
+    framework=1.0,
+    reserved_bytes=0.5 * GiB,
+)
+
+
+def probe_loopback(megabytes: int = 16, repeats: int = 3) -> tuple[float, float]:
+    """Per-direction bytes/s of a 2-rank gloo all-to-all over loopback, and one call's latency.
+
+    Two threads in this process, each with its own gloo process group on an
+    in-memory store: no subprocess, no port, well under a second.
+    """
+    import torch
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    timings: dict[int, tuple[float, float]] = {}
+
+    def rank_main(rank: int) -> None:
+        group = dist.ProcessGroupGloo(store, rank, 2, datetime.timedelta(seconds=30))
+        x = torch.ones(megabytes * 2**20 // 4)
+        out = torch.empty_like(x)
+        group.alltoall_base(out, x, [], []).wait()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            group.alltoall_base(out, x, [], []).wait()
+        bulk = (time.perf_counter() - start) / repeats
+        tiny = torch.ones(1)
+        start = time.perf_counter()
+        for _ in range(10):
+            group.allreduce([tiny]).wait()
+        timings[rank] = (bulk, (time.perf_counter() - start) / 10)
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    if len(timings) != 2:
+        raise ConfigError("the loopback gloo probe did not finish within 60 s")
+    bulk = max(t[0] for t in timings.values())
+    latency = max(t[1] for t in timings.values())
+    sent = megabytes * 2**20 / 2  # half of each rank's buffer leaves it
+    return sent / max(bulk - latency, 1e-9), latency
+
+
+def probe_memory_bandwidth(megabytes: int = 256) -> float:
+    """Bytes/s of a large tensor copy (read + write) on one thread."""
+    import torch
+
+    src = torch.ones(megabytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * 4 / best
+
+
+def _total_ram() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 16 * GiB
+
+
+def cpu_profile() -> Hardware:
+    """This machine as a "node" of one-thread ranks (how the trainer runs ``--nproc`` on CPU).
+
+    Peak: the cached GEMM probe of ``trainer.observe.mfu`` at one thread.
+    Links: the measured loopback gloo bandwidth and latency, for both the
+    intra-node group and "inter-node" traffic (there is no second node).
+    """
+    import torch
+
+    from trainer.observe.mfu import cpu_peak_flops
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fp32 = cpu_peak_flops("fp32")
+        bf16 = cpu_peak_flops("bf16")
+        hbm = probe_memory_bandwidth()
+    finally:
+        torch.set_num_threads(threads)
+    link, latency = probe_loopback()
+    cores = os.cpu_count() or 1
+    return Hardware(
+        name="cpu",
+        peak_flops=bf16,
+        peak_flops_fp32=fp32,
+        memory_bytes=_total_ram() / cores,
+        hbm_bw=hbm / cores,
+        nvlink_bw=link,
+        gpus_per_node=cores,
+        nic_bw=link,
+        efficiency=replace(CPU_EFFICIENCY, latency_s=latency, chunk_latency_s=latency),
+        source="measured on this machine: 1-thread GEMM probe, tensor copy, 2-rank loopback gloo",
+    )
