@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The prepared GPU check (one script, under 8 minutes on one NVIDIA GPU).
+#
+#   bash bench/gpu_check.sh [OUT.json]            # on a GPU machine
+#   bash bench/gpu_check.sh --dry-run [OUT.json]  # anywhere: the CPU dry run the tests use
+#
+# On a GPU machine it installs what it needs into .venv-gpu, records nvidia-smi,
+# runs the CPU unit tests once (the reference the device ops are checked against),
+# then bench/gpu_slice.py: the macro module's operators on CUDA against the CPU
+# reference (fp32 and bf16 attention, RMSNorm backward, FP8 codec), the timed
+# 352B layer slice (one rank's share at n = 8, seq 8192, bf16) and the FP8 codec,
+# written to one JSON with achieved TFLOP/s and MFU against the GPU's peak.
+# Multi-rank tests are not run there: gloo has no all-to-all for CUDA tensors and
+# NCCL needs one GPU per rank.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
+OUT="${1:-bench/results/gpu_check.json}"
+
+if [ "$DRY" = 1 ]; then
+  PY="${PYTHON:-python3}"
+  exec "$PY" bench/gpu_slice.py --dry-run --json "$OUT"
+fi
+
+command -v nvidia-smi >/dev/null || { echo "gpu_check: nvidia-smi not found: no NVIDIA GPU here" >&2; exit 2; }
+python3 -m venv .venv-gpu
+.venv-gpu/bin/pip install --quiet --upgrade pip
+.venv-gpu/bin/pip install --quiet torch==2.13.0
+.venv-gpu/bin/pip install --quiet -e '.[dev]'
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "${OUT%.json}.nvidia-smi.txt"
+timeout 180 .venv-gpu/bin/python -m pytest -q -x tests/unit || echo "gpu_check: unit tests failed (see above)" >&2
+timeout 240 .venv-gpu/bin/python bench/gpu_slice.py --json "$OUT"
