@@ -7,7 +7,7 @@ Rows (each adds one thing to the previous, PAPER.md section 7):
   1. tp+tp: Megatron-style TP attention and TP experts, no overlap
   2. sp+ep: Ulysses SP attention and EP (all-to-all) experts
   3. + inter-operator overlap (comm.overlap)
-  4. + intra-operator overlap (comm.chunks = 4)
+  4. + intra-operator overlap (comm.chunks = 2)
   5. + bf16_a2a gradient sync (no effect at dp = 1: one node of 4 ranks)
   6. + FP8 communication (comm.fp8)
 
@@ -43,7 +43,7 @@ LADDER = [
     ("tp+tp, no overlap", ["parallel.attention=tp", "parallel.ffn=tp"]),
     ("sp+ep", ["parallel.attention=sp", "parallel.ffn=ep_a2a"]),
     ("+ inter-op overlap", ["comm.overlap=true"]),
-    ("+ intra-op chunks", ["comm.chunks=4"]),
+    ("+ intra-op chunks", ["comm.chunks=2"]),
     ("+ bf16_a2a grads", ["comm.grad_sync=bf16_a2a"]),
     ("+ FP8", ["comm.fp8=true"]),
 ]
