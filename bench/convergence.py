@@ -123,7 +123,8 @@ def main() -> None:
     }
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
     Path(json_path).write_text(json.dumps(result, indent=1) + "\n")
-    title = f"tiny MoE, {' '.join(setting['layout'])}, Python stdlib text"
+    short = " ".join(o.split(".", 1)[1] for o in setting["layout"])
+    title = f"tiny MoE ({short}), Python stdlib text"
     plot(full, compressed, png_path, setting["labels"], title)
     print(json.dumps({k: v for k, v in result.items() if k != "losses"}, indent=1))
 
