@@ -155,3 +155,23 @@ def test_short_convergence_bf16_a2a_tracks_fp32_rs(demo_data, tmp_path):
         for a, b in zip(smooth(runs["fp32_rs"]), smooth(runs["bf16_a2a"]), strict=True)
     ]
     assert max(gaps) < 0.02  # the bound bench/convergence.py states for 300 steps
+
+
+def _smoothed_gap(a, b, w=10):
+    def smooth(xs):
+        return [sum(xs[max(0, i - w + 1) : i + 1]) / min(i + 1, w) for i in range(len(xs))]
+
+    return max(abs(x - y) / x for x, y in zip(smooth(a), smooth(b), strict=True))
+
+
+@pytest.mark.timeout(600)
+def test_short_convergence_fp8_tracks_full_precision(demo_data, tmp_path):
+    """The short version of bench/convergence.py --what fp8: 40 steps at n = 2, AG/RS experts."""
+    runs = {}
+    for fp8 in ("false", "true"):
+        _, s = _train(demo_data, tmp_path, 2, "parallel.n=2", "parallel.ffn=ep_agrs",
+                      "comm.overlap=true", "train.steps=40", f"comm.fp8={fp8}")  # fmt: skip
+        runs[fp8] = s
+    assert runs["true"]["comm_bytes_by_tag"]["fp8_scales"] > 0  # FP8 really travelled
+    assert runs["true"]["losses"][-1] < 0.8 * runs["true"]["losses"][0]
+    assert _smoothed_gap(runs["false"]["losses"], runs["true"]["losses"]) < 0.02
