@@ -68,8 +68,11 @@ def worker(rank: int, world: int, overrides: list[str], steps: int, warmup: int)
     comms = build_comms(dims)
     model = build_parallel_model(cfg, comms.n, dims.n_index, torch.device("cpu"))
     model.ctx.forced_routing = True  # balanced routing: every row sees the same load
-    optimizer = ZeroOptimizer(model, cfg.train, comms.n, comms.dp, cfg.comm.grad_sync)
-    runner = StageRunner(model, cfg, comms.pp, (None, None))
+    optimizer = ZeroOptimizer(
+        model, cfg.train, comms.n, comms.dp, cfg.comm.grad_sync, cfg.comm.overlap
+    )
+    runner = StageRunner(model, cfg, comms.pp, (None, None),
+                         optimizer.arm if cfg.comm.overlap else None)  # fmt: skip
     L = cfg.model.seq_len // world
     g = torch.Generator().manual_seed(0)
     times, exposed, comm_s, sent = [], [], [], []

@@ -29,6 +29,7 @@ from trainer.config import Config, apply_overrides
 from trainer.parallel.dims import ParallelDims
 from trainer.parallel.launch import build_comms, run_local
 from trainer.parallel.model import build_parallel_model
+from trainer.parallel.pipeline import StageRunner
 from trainer.parallel.step import parallel_train_step
 from trainer.parallel.zero import ZeroOptimizer
 
@@ -48,6 +49,7 @@ def _bench(rank, world, attention, ffn, steps, warmup):
     comm = comms.n
     model = build_parallel_model(cfg, comm, rank, torch.device("cpu"))
     optimizer = ZeroOptimizer(model, cfg.train, comms.n, comms.dp, cfg.comm.grad_sync)
+    runner = StageRunner(model, cfg, comms.pp, (None, None))
     L = cfg.model.seq_len // world
     g = torch.Generator().manual_seed(0)
     times, exposed, sent = [], [], []
@@ -60,7 +62,7 @@ def _bench(rank, world, attention, ffn, steps, warmup):
         before_exposed = sum(s.exposed_seconds for s in comm.stats.kinds.values())
         before_bytes = sum(s.bytes for s in comm.stats.kinds.values())
         start = time.perf_counter()
-        parallel_train_step(model, optimizer, batch, cfg, comms)
+        parallel_train_step(runner, optimizer, batch, cfg, comms)
         if step >= warmup:
             times.append(time.perf_counter() - start)
             exposed.append(

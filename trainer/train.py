@@ -202,12 +202,12 @@ def _build_step(cfg: Config, w: Worker):
 
     d, c = w.dims, w.comms
     model = build_parallel_model(cfg, c.n, d.n_index, w.device, stage=d.pp_index)
-    optimizer = ZeroOptimizer(model, cfg.train, c.n, c.dp, cfg.comm.grad_sync)
+    optimizer = ZeroOptimizer(model, cfg.train, c.n, c.dp, cfg.comm.grad_sync, cfg.comm.overlap)
     peers = (
         d.rank_of(d.dp_index, d.pp_index - 1, d.n_index) if d.pp_index > 0 else None,
         d.rank_of(d.dp_index, d.pp_index + 1, d.n_index) if d.pp_index < d.pp - 1 else None,
     )
-    runner = StageRunner(model, cfg, c.pp, peers)
+    runner = StageRunner(model, cfg, c.pp, peers, optimizer.arm if cfg.comm.overlap else None)
     L = cfg.model.seq_len // d.n
     rows = cfg.train.global_batch // d.dp
     shard = (

@@ -85,12 +85,21 @@ def dp_runs(demo_data, tmp_path_factory):
         "fp32_rs": _train(demo_data, tmp, 4, *layout, "comm.grad_sync=fp32_rs")[1],
         "bf16_a2a": _train(demo_data, tmp, 4, *layout, "comm.grad_sync=bf16_a2a")[1],
         "dp1": _train(demo_data, tmp, 2, "parallel.n=2")[1],
+        "overlap": _train(demo_data, tmp, 4, *layout, "comm.overlap=true")[1],
     }
 
 
 @pytest.mark.timeout(600)
 def test_dp2_n2_matches_the_reference_with_fp32_reduce_scatter(dp_runs):
     assert dp_runs["fp32_rs"]["losses"] == pytest.approx(dp_runs["ref"]["losses"], rel=1e-5)
+
+
+@pytest.mark.timeout(600)
+def test_dp_buckets_synchronised_during_backward_change_nothing_but_timing(dp_runs):
+    run = dp_runs["overlap"]
+    assert run["losses"] == pytest.approx(dp_runs["ref"]["losses"], rel=1e-5)
+    # the gradient reduce-scatters were issued during backward and mostly hidden by it
+    assert run["comm"]["reduce_scatter"]["overlap_ratio"] > 0
 
 
 @pytest.mark.timeout(600)

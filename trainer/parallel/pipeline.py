@@ -58,8 +58,10 @@ def theoretical_bubble(stages: int, micro_batches: int) -> float:
 class StageRunner:
     """Runs one stage's share of 1F1B for one optimizer step."""
 
-    def __init__(self, model: ParallelMoE, cfg: Config, pp_comm: Comm, peers) -> None:
+    def __init__(self, model: ParallelMoE, cfg: Config, pp_comm: Comm, peers,
+                 on_last_backward=None) -> None:  # fmt: skip
         self.model, self.cfg, self.pp = model, cfg, pp_comm
+        self.on_last_backward = on_last_backward  # e.g. ZeroOptimizer.arm: DP buckets overlap
         self.prev_rank, self.next_rank = peers  # global ranks of neighbouring stages (or None)
         self.autocast = torch.autocast(
             next(model.parameters()).device.type, torch.bfloat16,
@@ -79,7 +81,9 @@ class StageRunner:
         for i in range(M - warmup):
             order += [("F", warmup + i), ("B", i)]
         order += [("B", i) for i in range(M - warmup, M)]
-        for kind, i in order:
+        for step, (kind, i) in enumerate(order):
+            if step == len(order) - 1 and self.on_last_backward:
+                self.on_last_backward()
             if kind == "F":
                 saved[i] = self._forward(micro_batches[i], scale, res, sends)
             else:

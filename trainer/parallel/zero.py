@@ -59,6 +59,8 @@ class FlatGroup:
     grad: torch.Tensor  # flat FP32 main gradients (padded)
     shard: slice  # this rank's slice of the flat buffers
     master: nn.Parameter  # view of data[shard], what AdamW steps
+    bucket: int = 0  # backward order: 0 = the last block
+    inflight: list | None = None  # handles of the sync's first stage
 
 
 def _pad_to(numel: int, multiple: int) -> int:
@@ -84,21 +86,47 @@ def bf16_a2a_sync(buf: torch.Tensor, comm: Comm, tag: str) -> torch.Tensor:
     return recv.view(size, N // size).float().sum(0)
 
 
+def _buckets(model: nn.Module) -> list[list[nn.Parameter]]:
+    """Parameters in the order backward finishes them: last block first, the rest last."""
+    blocks = list(getattr(model, "blocks", []))
+    seen: set[int] = set()
+    buckets = []
+    for block in reversed(blocks):
+        params = list(block.parameters())
+        seen.update(id(p) for p in params)
+        buckets.append(params)
+    buckets.append([p for p in model.parameters() if id(p) not in seen])
+    return [b for b in buckets if b]
+
+
 class ZeroOptimizer:
-    """AdamW over this rank's shards, with the gradient sync and parameter gather around it."""
+    """AdamW over this rank's shards, with the gradient sync and parameter gather around it.
+
+    Buckets: one per transformer block (plus one for embedding, final norm and
+    LM head), each split by sync class and weight decay into flat groups with
+    their own shards. With ``overlap`` the first stage of a bucket's sync
+    (the intra-node reduce-scatter, or the DP reduce-scatter) is issued
+    asynchronously as soon as backward has finished that bucket's gradients
+    in the step's last micro-batch (``arm()``), so it runs beside the
+    backward of the layers before it.
+    """
 
     def __init__(self, model: nn.Module, t: TrainConfig, n_comm: Comm, dp_comm: Comm,
-                 grad_sync: str) -> None:  # fmt: skip
+                 grad_sync: str, overlap: bool = False) -> None:  # fmt: skip
         self.n_comm, self.dp_comm, self.grad_sync = n_comm, dp_comm, grad_sync
+        self.overlap = overlap
         self.groups: list[FlatGroup] = []
-        for replicated in (True, False):
-            for decay in (True, False):
-                params = [
-                    p for p in model.parameters()
-                    if p.megamoe_replicated == replicated and (p.dim() >= 2) == decay
-                ]  # fmt: skip
-                if params:
-                    self.groups.append(self._flatten(params, replicated, decay))
+        for bucket, members in enumerate(_buckets(model)):
+            for replicated in (True, False):
+                for decay in (True, False):
+                    params = [
+                        p for p in members
+                        if p.megamoe_replicated == replicated and (p.dim() >= 2) == decay
+                    ]  # fmt: skip
+                    if params:
+                        group = self._flatten(params, replicated, decay)
+                        group.bucket = bucket
+                        self.groups.append(group)
         self.adamw = torch.optim.AdamW(
             [
                 {"params": [g.master for g in self.groups if g.decay],
@@ -108,6 +136,28 @@ class ZeroOptimizer:
             lr=t.lr, betas=(t.beta1, t.beta2), foreach=True,
         )  # fmt: skip
         self.param_groups = self.adamw.param_groups
+        self.armed = False
+        self._waiting: dict[int, int] = {}
+        if overlap:
+            for g in self.groups:
+                for p in g.params:
+                    p.register_post_accumulate_grad_hook(lambda _p, b=g.bucket: self._ready(b))
+
+    def arm(self) -> None:
+        """The next backward is the step's last: start each bucket's sync when it is done."""
+        self.armed = True
+        self._waiting = {}
+        for g in self.groups:
+            self._waiting[g.bucket] = self._waiting.get(g.bucket, 0) + len(g.params)
+
+    def _ready(self, bucket: int) -> None:
+        if not self.armed:
+            return
+        self._waiting[bucket] -= 1
+        if self._waiting[bucket] == 0:
+            for g in self.groups:
+                if g.bucket == bucket:
+                    self._start(g)
 
     def _shard_slice(self, numel: int, replicated: bool) -> slice:
         n, dp = self.n_comm, self.dp_comm
@@ -142,18 +192,46 @@ class ZeroOptimizer:
         for g in self.groups:
             g.grad.zero_()
 
+    def _hierarchical(self, g: FlatGroup) -> bool:
+        return g.replicated and self.n_comm.size > 1 and self.dp_comm.size > 1
+
+    def _start(self, g: FlatGroup) -> None:
+        """Issue the first stage of this group's gradient sync (asynchronously)."""
+        if g.inflight is not None:
+            return
+        if self._hierarchical(g):
+            blocks = self._blocks(g.grad)
+            chunks = [blocks[:, :, k].reshape(-1) for k in range(SYNC_CHUNKS)]
+            g.inflight = [
+                self.n_comm.reduce_scatter(c, "grad_rs_node", async_op=True) for c in chunks
+            ]
+        elif g.replicated and self.n_comm.size > 1:
+            g.inflight = [self.n_comm.reduce_scatter(g.grad, "grad_rs_node", async_op=True)]
+        elif self.dp_comm.size > 1 and self.grad_sync == "fp32_rs":
+            g.inflight = [self.dp_comm.reduce_scatter(g.grad, "grad_dp", async_op=True)]
+        else:
+            g.inflight = []
+
     def reduce_gradients(self) -> None:
         """Sum gradients over their sync class; leaves each group's shard in master.grad."""
+        self.armed = False
         for g in self.groups:
-            if g.replicated and self.n_comm.size > 1 and self.dp_comm.size > 1:
-                g.master.grad = self._hierarchical_reduce(g)
-                continue
-            buf = g.grad
-            if g.replicated and self.n_comm.size > 1:
-                buf = self.n_comm.reduce_scatter(buf, "grad_rs_node")
-            if self.dp_comm.size > 1:
-                buf = self._dp_reduce(buf)
-            g.master.grad = buf if buf is not g.grad else g.grad[g.shard]
+            self._start(g)  # no-op for buckets already in flight
+        for g in self.groups:
+            g.master.grad = self._finish(g)
+            g.inflight = None
+
+    def _finish(self, g: FlatGroup) -> torch.Tensor:
+        if self._hierarchical(g):
+            # Chunk k crosses nodes while chunk k + 1 is still reduced inside the node.
+            pieces = [self._dp_reduce(p.wait(), async_op=self.grad_sync == "fp32_rs")
+                      for p in g.inflight]  # fmt: skip
+            return torch.cat([p.wait() if hasattr(p, "wait") else p for p in pieces])
+        if g.inflight:
+            return g.inflight[0].wait()
+        if self.dp_comm.size > 1:  # bf16_a2a: cast and exchange now
+            return self._dp_reduce(g.grad)
+        return g.grad[g.shard]
 
     def _dp_reduce(self, buf: torch.Tensor, async_op: bool = False):
         if self.grad_sync == "bf16_a2a":
@@ -163,21 +241,6 @@ class ZeroOptimizer:
     def _blocks(self, flat: torch.Tensor) -> torch.Tensor:
         """The buffer as [n, dp, K, c]: rank (i, d) owns [i, d], chunk k is [:, :, k]."""
         return flat.view(self.n_comm.size, self.dp_comm.size, SYNC_CHUNKS, -1)
-
-    def _hierarchical_reduce(self, g: FlatGroup) -> torch.Tensor:
-        """Intra-node reduce-scatter, then the DP sync, pipelined over SYNC_CHUNKS chunks:
-        chunk k crosses nodes while chunk k + 1 is still being reduced inside the node."""
-        blocks = self._blocks(g.grad)
-        intra = [
-            self.n_comm.reduce_scatter(blocks[:, :, k].reshape(-1), "grad_rs_node", async_op=True)
-            for k in range(SYNC_CHUNKS)
-        ]
-        pieces = []
-        for pending in intra:
-            node_sum = pending.wait()  # [dp * c]: this node-rank's part of chunk k
-            pieces.append(self._dp_reduce(node_sum, async_op=self.grad_sync == "fp32_rs"))
-        pieces = [p.wait() if hasattr(p, "wait") else p for p in pieces]
-        return torch.cat(pieces)  # [K * c] = this rank's shard, in buffer order
 
     def shard_sq_norm(self) -> torch.Tensor:
         """Sum of squares of this rank's gradient shards (disjoint across all ranks)."""
@@ -195,7 +258,7 @@ class ZeroOptimizer:
     def gather_params(self) -> None:
         """All-gather the updated shards back into every replica's parameters."""
         for g in self.groups:
-            if g.replicated and self.n_comm.size > 1 and self.dp_comm.size > 1:
+            if self._hierarchical(g):
                 self._hierarchical_gather(g)
                 continue
             shard = g.data[g.shard]
