@@ -69,6 +69,18 @@ def resolve_ffn_mode(cfg: Config) -> str:
     return "ep_a2a" if cfg.model.topk < cfg.parallel.n else "ep_agrs"
 
 
+def _own_group(rank: int, partition: list[list[int]]):
+    """Create one process group per member list (all ranks, same order); return ours."""
+    import torch.distributed as dist
+
+    mine = None
+    for members in partition:
+        group = dist.new_group(members)
+        if rank in members:
+            mine = group
+    return mine
+
+
 @dataclass
 class ParallelDims:
     """Coordinates of this rank and the process groups of its layout."""
@@ -100,28 +112,21 @@ class ParallelDims:
     @classmethod
     def build(cls, cfg: Config, rank: int, world: int) -> ParallelDims:
         """Create the groups (every rank must call this, in the same order)."""
-        import torch.distributed as dist
 
         check_layout(cfg, world)
         p = cfg.parallel
         dims = cls(p.n, p.dp, p.pp, rank, world)
         # new_group is collective: every rank creates every group and keeps its own.
-        for d in range(p.dp):
-            for s in range(p.pp):
-                members = [dims.rank_of(d, s, i) for i in range(p.n)]
-                group = dist.new_group(members)
-                if rank in members:
-                    dims.n_group = group
-        for s in range(p.pp):
-            for i in range(p.n):
-                members = [dims.rank_of(d, s, i) for d in range(p.dp)]
-                group = dist.new_group(members)
-                if rank in members:
-                    dims.dp_group = group
-        for d in range(p.dp):
-            for i in range(p.n):
-                members = [dims.rank_of(d, s, i) for s in range(p.pp)]
-                group = dist.new_group(members)
-                if rank in members:
-                    dims.pp_group = group
+        dims.n_group = _own_group(
+            rank,
+            [[dims.rank_of(d, s, i) for i in range(p.n)] for d in range(p.dp) for s in range(p.pp)],
+        )
+        dims.dp_group = _own_group(
+            rank,
+            [[dims.rank_of(d, s, i) for d in range(p.dp)] for s in range(p.pp) for i in range(p.n)],
+        )
+        dims.pp_group = _own_group(
+            rank,
+            [[dims.rank_of(d, s, i) for s in range(p.pp)] for d in range(p.dp) for i in range(p.n)],
+        )
         return dims

@@ -126,26 +126,7 @@ def megamoe(cfg: Config, gpus: int, global_batch: int) -> Layout:
 
 def megatron(cfg: Config, gpus: int, global_batch: int) -> Layout:
     """The Megatron-LM-style baseline at the config's n and pp."""
-    p = cfg.parallel
-    return _with_batch(
-        Layout(
-            n=p.n,
-            pp=p.pp,
-            dp=dp_for(cfg, gpus, p.n, p.pp),
-            attention="tp",
-            ffn="tp",
-            overlap=False,
-            chunks=1,
-            grad_sync="fp32_rs",
-            fp8=False,
-            recompute="full",
-            dp_overlap=False,
-            pp_async=False,
-            vocab_parallel=True,
-        ),
-        cfg,
-        global_batch,
-    )
+    return baseline_like(megamoe(cfg, gpus, global_batch))
 
 
 def baseline_like(layout: Layout) -> Layout:
