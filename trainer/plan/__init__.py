@@ -17,7 +17,7 @@ the ``cpu`` profile's few-hundred-millisecond probes of this machine.
 """
 
 from trainer.plan.hardware import GPUS, Hardware, hardware_profile
-from trainer.plan.layout import Layout, baseline_like, megamoe, megatron
+from trainer.plan.layout import Layout, baseline_like, megamoe, megatron, trainer_layout
 from trainer.plan.model import Prediction, ablation_ladder, predict
 from trainer.plan.search import search
 
@@ -33,4 +33,5 @@ __all__ = [
     "megatron",
     "predict",
     "search",
+    "trainer_layout",
 ]

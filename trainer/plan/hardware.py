@@ -23,8 +23,17 @@ The efficiencies (:class:`Efficiency`) are global constants, the same for
 every NVIDIA profile, chosen once (see docs/PLANNER.md for the reasoning);
 nothing is fitted per model, GPU count or table row. ``"cpu"`` is this
 machine: its GEMM rate and its loopback gloo bandwidth and latency are
-measured by small in-process probes (:func:`cpu_profile`), so the same model
-can later be calibrated against a CPU benchmark.
+measured by small in-process probes (:func:`cpu_profile`).
+
+For the calibration against bench/ablation.py (bench/calibrate.py,
+docs/PLANNER.md "Calibration on this machine"), :func:`cpu_ranks` describes N
+one-thread ranks sharing this machine's cores from one-thread probes
+(:class:`CpuRates`) and loopback gloo measured among N ranks
+(:class:`GlooRates`, :func:`probe_gloo`), and :func:`over_fabric` holds every
+rank's link to bench/fabric.py's rate. Two fields exist for such CPU ranks
+only: ``comm_cpu_share`` (the part of a collective that occupies the compute
+cores, which no overlap hides) and ``fp8_codec_rate`` (the FP8 codec as
+separate kernels on those cores); both are 0 on GPUs.
 """
 
 from __future__ import annotations
@@ -56,6 +65,9 @@ class Efficiency:
     chunk_latency_s: float  # extra cost per intra-operator piece (0: fused kernels signal tiles)
     framework: float  # kernel time / total time: launch gaps, host jitter, sync skew
     reserved_bytes: float  # per device: runtime context, communicator buffers, allocator slack
+    # reduce-scatter / per-direction link, when it differs from all-gather's `gather_scatter`
+    # (None: the same; gloo runs a reduce-scatter as a whole all-reduce: twice the bytes)
+    reduce_scatter: float | None = None
 
 
 # The global constants for NVIDIA GPUs. Why these values: docs/PLANNER.md, "Parameters".
@@ -89,6 +101,14 @@ class Hardware:
     nic_bw: float  # inter-node, per GPU, per direction
     efficiency: Efficiency
     source: str = ""
+    # Share of a collective's time during which it keeps the compute cores busy, so that
+    # no overlap can hide it: 0 on GPUs (copy engines and NICs move the data), 1 for CPU
+    # ranks with no spare core (the kernel's socket copies are the transfer).
+    comm_cpu_share: float = 0.0
+    # Elements/s of one FP8 round trip (trainer.compress.fp8: scale + cast, then decode) when
+    # the codec runs as separate kernels on the compute cores; 0: fused into the
+    # communication kernels, free (GPUs).
+    fp8_codec_rate: float = 0.0
 
     def peak(self, dtype: str) -> float:
         return self.peak_flops if dtype == "bf16" else self.peak_flops_fp32
@@ -258,4 +278,215 @@ def cpu_profile() -> Hardware:
         nic_bw=link,
         efficiency=replace(CPU_EFFICIENCY, latency_s=latency, chunk_latency_s=latency),
         source="measured on this machine: 1-thread GEMM probe, tensor copy, 2-rank loopback gloo",
+    )
+
+
+# ------------------------------------------- CPU ranks sharing cores (bench/calibrate.py)
+
+# TCP over a 1500-byte MTU with timestamps carries 1448 payload bytes in each 1514-byte
+# frame a tc qdisc counts (Ethernet header included, preamble and FCS not).
+TCP_PAYLOAD = 1448 / 1514
+
+
+@dataclass(frozen=True)
+class GlooRates:
+    """Loopback gloo collectives measured among ``ranks`` one-thread processes on this machine.
+
+    Rates are booked bytes per second and rank (``trainer.parallel.comm``'s convention:
+    what leaves one rank, (n - 1)/n of the full tensor for every kind), from the slowest
+    rank's time less one latency; ``latency_s`` is one tiny all-reduce.
+    """
+
+    ranks: int
+    all_to_all: float
+    all_gather: float
+    reduce_scatter: float
+    latency_s: float
+
+
+@dataclass(frozen=True)
+class CpuRates:
+    """This machine measured with one thread: what one rank with a core to itself reaches."""
+
+    cores: int
+    gemm_fp32: float  # FLOP/s of a 1024^3 GEMM (trainer.observe.mfu's probe)
+    gemm_bf16: float
+    memory_bw: float  # bytes/s of a large tensor copy, read + write
+    fp8_codec_rate: float  # elements/s of an FP8 round trip (encode_rows + decode)
+    memory_bytes: float  # the machine's RAM
+
+
+def cpu_ranks(rates: CpuRates, gloo: GlooRates, name: str = "cpu") -> Hardware:
+    """``gloo.ranks`` one-thread CPU ranks sharing ``rates.cores`` cores, as one "node".
+
+    Compute: with more ranks than cores each rank runs cores / ranks of the time, so its
+    GEMM rate, memory bandwidth and FP8 codec rate are the one-thread probes times
+    min(1, cores / ranks). Links: the gloo rates measured with the same number of ranks
+    on the same cores (so already shared, not divided again): all-to-all is the link,
+    all-gather and reduce-scatter its measured fractions, the latency the measured tiny
+    all-reduce (also the cost of each extra intra-operator piece: a separate gloo call).
+    With no spare core the socket copies of a collective run on the cores the compute
+    needs, so overlap cannot hide them (``comm_cpu_share`` = 1).
+    """
+    share = min(1.0, rates.cores / gloo.ranks)
+    link = gloo.all_to_all
+    eff = replace(
+        CPU_EFFICIENCY,
+        all_to_all=1.0,
+        gather_scatter=gloo.all_gather / link,
+        reduce_scatter=gloo.reduce_scatter / link,
+        latency_s=gloo.latency_s,
+        chunk_latency_s=gloo.latency_s,
+    )
+    return Hardware(
+        name=name,
+        peak_flops=rates.gemm_bf16 * share,
+        peak_flops_fp32=rates.gemm_fp32 * share,
+        memory_bytes=rates.memory_bytes / gloo.ranks,
+        hbm_bw=rates.memory_bw * share,
+        nvlink_bw=link,
+        gpus_per_node=gloo.ranks,
+        nic_bw=link,
+        efficiency=eff,
+        source=(
+            f"{gloo.ranks} one-thread ranks on {rates.cores} cores: 1-thread probes x "
+            f"{share:.2f}, loopback gloo measured at {gloo.ranks} ranks"
+        ),
+        comm_cpu_share=1.0 if gloo.ranks >= rates.cores else 0.0,
+        fp8_codec_rate=rates.fp8_codec_rate * share,
+    )
+
+
+def over_fabric(hw: Hardware, mbit: float) -> Hardware:
+    """``hw`` with every rank's link limited to ``mbit`` Mbit/s each way (bench/fabric.py).
+
+    On the wire: the TCP payload share of the tc rate. All-to-all and all-gather (a ring)
+    put their booked bytes on a rank's link, a gloo reduce-scatter twice them (gloo runs
+    it as an all-reduce of the whole tensor); none goes faster than on loopback, since the
+    same socket copies still run on the cores. Of each collective's time the loopback
+    part keeps the cores busy and the rest is waiting for the wire, which overlap can hide.
+    """
+    wire = mbit * 1e6 / 8 * TCP_PAYLOAD
+    e = hw.efficiency
+    loop_a2a = hw.nvlink_bw * e.all_to_all
+    loop_ag = hw.nvlink_bw * e.gather_scatter
+    loop_rs = hw.nvlink_bw * (e.reduce_scatter or e.gather_scatter)
+    a2a = min(wire, loop_a2a)
+    eff = replace(
+        e,
+        all_to_all=a2a / wire,
+        gather_scatter=min(wire, loop_ag) / wire,
+        reduce_scatter=min(wire / 2, loop_rs) / wire,
+    )
+    return replace(
+        hw,
+        name=f"{hw.name}, {mbit:.0f} Mbit/s links",
+        nvlink_bw=wire,
+        nic_bw=wire,
+        efficiency=eff,
+        comm_cpu_share=hw.comm_cpu_share * a2a / loop_a2a,
+        source=f"{hw.source}; links limited to {mbit:.0f} Mbit/s (tc tbf), TCP payload",
+    )
+
+
+def _gloo_worker(
+    rank: int, world: int, megabytes: float, repeats: int, rounds: int
+) -> dict[str, float]:
+    """One rank of :func:`probe_gloo` (module level: spawned ranks import it).
+
+    Per kind the median over ``rounds`` of the mean time of ``repeats`` calls.
+    """
+    import statistics
+
+    import torch
+    import torch.distributed as dist
+
+    from trainer.parallel.comm import _ALL_GATHER, _REDUCE_SCATTER
+
+    numel = int(megabytes * 2**20 / 4) // world * world
+    x = torch.ones(numel)
+    out = torch.empty_like(x)
+    part = torch.empty(numel // world)
+    tiny = torch.ones(1)
+    ops = {
+        "latency": lambda: dist.all_reduce(tiny),
+        "all_to_all": lambda: dist.all_to_all_single(out, x),
+        "all_gather": lambda: _ALL_GATHER(out, x[: numel // world]),
+        "reduce_scatter": lambda: _REDUCE_SCATTER(part, x),
+    }
+    timings = {"booked_bytes": numel * 4 * (world - 1) / world}
+    for name, op in ops.items():
+        op()  # connections and buffers warm
+        means = []
+        for _ in range(rounds):
+            dist.barrier()
+            start = time.perf_counter()
+            for _ in range(repeats):
+                op()
+            means.append((time.perf_counter() - start) / repeats)
+        timings[name] = statistics.median(means)
+    return timings
+
+
+def probe_gloo(ranks: int, megabytes: float = 1.5, repeats: int = 10, rounds: int = 3) -> GlooRates:
+    """Loopback gloo among ``ranks`` fresh one-thread processes (as bench/ablation.py runs).
+
+    Each kind moves a ``megabytes`` tensor (booked 1.1 MB at 4 ranks; the ablation's
+    collectives book 0.4-1.6 MB); per kind the slowest rank's time counts. Latency: a
+    one-float all-reduce. A few seconds, mostly process start-up. On a machine with
+    fewer cores than ranks the rates move by +-30 % from one probe to the next.
+    """
+    from trainer.parallel.launch import run_local
+
+    per_rank = run_local(ranks, _gloo_worker, megabytes, repeats, rounds, threads=1)
+    latency = max(r["latency"] for r in per_rank)
+    booked = per_rank[0]["booked_bytes"]
+
+    def rate(kind: str) -> float:
+        return booked / max(max(r[kind] for r in per_rank) - latency, 1e-9)
+
+    return GlooRates(ranks, rate("all_to_all"), rate("all_gather"), rate("reduce_scatter"), latency)
+
+
+def probe_fp8_codec(rows: int = 2048, cols: int = 256, repeats: int = 5) -> float:
+    """Elements/s of ``trainer.compress.fp8``'s per-row encode + decode on one thread."""
+    import torch
+
+    from trainer.compress.fp8 import decode, encode_rows
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x = torch.randn(rows, cols)
+        decode(encode_rows(x))
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            decode(encode_rows(x))
+            best = min(best, time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return x.numel() / best
+
+
+def probe_cpu_rates() -> CpuRates:
+    """The one-thread probes of this machine (GEMM peaks cached as for ``--gpu cpu``)."""
+    import torch
+
+    from trainer.observe.mfu import cpu_peak_flops
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fp32, bf16 = cpu_peak_flops("fp32"), cpu_peak_flops("bf16")
+        memory = probe_memory_bandwidth()
+    finally:
+        torch.set_num_threads(threads)
+    return CpuRates(
+        cores=os.cpu_count() or 1,
+        gemm_fp32=fp32,
+        gemm_bf16=bf16,
+        memory_bw=memory,
+        fp8_codec_rate=probe_fp8_codec(),
+        memory_bytes=_total_ram(),
     )

@@ -33,11 +33,24 @@ Overlap, following the method's schedule:
   chunks`` exposed plus one latency per extra piece. This is the paper's
   criterion: the FFN's communication hides only while it is shorter than its
   GEMM (R > 1).
+
+On CPU ranks with no spare core (``Hardware.comm_cpu_share``) that share of
+every collective is the cores copying the data, so it stays exposed whatever
+the schedule; only the rest (waiting for a slower wire) can hide.
+
+``Layout.implementation`` picks between the ideal the paper describes (fused
+kernels: every collective pipelined, FP8 on all of them, metadata travelling
+with the data) and what ``trainer.parallel`` does (chunks on the forward
+SP-attention and AG/RS pairs only, FP8 on dispatch/combine, forward
+reductions and gradient all-gathers, plus the separate calls for q vs k/v,
+routing metadata and FP8 scales; see :func:`_trainer_calls`). Where the FP8
+codec runs as separate kernels (``Hardware.fp8_codec_rate``) its encode and
+decode are compute.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from trainer.config import ModelConfig
 from trainer.parallel import volumes
@@ -74,6 +87,7 @@ class Collective:
     bytes: float
     partner: float  # seconds of the GEMM that produces or consumes it
     seconds: float
+    fp8: bool = False
 
 
 @dataclass
@@ -202,15 +216,43 @@ def comm_bytes(dtype: str, fp8: bool) -> float:
     return 1.0 if fp8 else float(act_bytes(dtype))
 
 
+def link_share(kind: str, eff: Efficiency) -> float:
+    """The share of the per-direction link a collective of ``kind`` reaches."""
+    if kind == "a2a":
+        return eff.all_to_all
+    if kind == "rs" and eff.reduce_scatter is not None:
+        return eff.reduce_scatter
+    return eff.gather_scatter
+
+
 def collective_seconds(kind: str, nbytes: float, hw: Hardware) -> float:
     eff = hw.efficiency
-    share = eff.all_to_all if kind == "a2a" else eff.gather_scatter
-    return eff.latency_s + nbytes / (hw.nvlink_bw * share)
+    return eff.latency_s + nbytes / (hw.nvlink_bw * link_share(kind, eff))
 
 
-def _coll(name: str, kind: str, elems: float, partner: float, unit: float, hw: Hardware):
-    nbytes = elems * unit
-    return Collective(name, kind, nbytes, partner, collective_seconds(kind, nbytes, hw))
+# The collectives the trainer's ``comm.fp8`` encodes (trainer.parallel.attention / moe): the
+# expert dispatch and combine in the forward, the forward reductions (sent as an FP8
+# all-to-all, summed by the owner) and the backward all-gathers of gradients.
+TRAINER_FP8 = frozenset(
+    ("ep_dispatch", "ep_combine", "attn_rs", "ffn_rs", "attn_rs_grad", "ffn_rs_grad")
+)
+# The pairs the trainer's ``comm.chunks`` pipelines (trainer.parallel.pairs): forward only.
+TRAINER_CHUNKED = frozenset(("attn_qkv", "attn_out", "ffn_ag", "ffn_rs"))
+
+
+def _fp8(name: str, layout: Layout) -> bool:
+    if not layout.fp8:
+        return False
+    return layout.implementation == "ideal" or name in TRAINER_FP8
+
+
+def _coll(name: str, kind: str, elems: float, partner: float, layout: Layout, dtype: str,
+          hw: Hardware):  # fmt: skip
+    fp8 = _fp8(name, layout)
+    if fp8 and kind == "rs" and layout.implementation == "trainer":
+        kind = "a2a"  # reduce_scatter_fp8: an all-to-all of the partials, summed in FP32
+    nbytes = elems * comm_bytes(dtype, fp8)
+    return Collective(name, kind, nbytes, partner, collective_seconds(kind, nbytes, hw), fp8)
 
 
 def layer_collectives(
@@ -221,7 +263,6 @@ def layer_collectives(
     if n == 1:
         return [], []
     b, s, h, m, k = layout.micro_batch, model.seq_len, model.hidden, model.gqa_ratio, model.topk
-    unit = comm_bytes(dtype, layout.fp8)
     T_l = b * s / n
     frac = (n - 1) / n
     t = times
@@ -230,44 +271,118 @@ def layer_collectives(
     if layout.attention == "sp":
         # volumes.sp_attention split into its two all-to-alls: q, k, v and the output.
         qkv, out = T_l * h * (1 + 2 / m) * frac, T_l * h * frac
-        fwd += [_coll("attn_qkv", "a2a", qkv, t["qkv"].fwd, unit, hw)]
-        fwd += [_coll("attn_out", "a2a", out, t["out"].fwd, unit, hw)]
-        bwd += [_coll("attn_out_grad", "a2a", out, t["out"].dgrad, unit, hw)]
-        bwd += [_coll("attn_qkv_grad", "a2a", qkv, t["qkv"].dgrad, unit, hw)]
-        recomm = [_coll("attn_out_again", "a2a", out, t["out"].wgrad, unit, hw)]
+        fwd += [_coll("attn_qkv", "a2a", qkv, t["qkv"].fwd, layout, dtype, hw)]
+        fwd += [_coll("attn_out", "a2a", out, t["out"].fwd, layout, dtype, hw)]
+        bwd += [_coll("attn_out_grad", "a2a", out, t["out"].dgrad, layout, dtype, hw)]
+        bwd += [_coll("attn_qkv_grad", "a2a", qkv, t["qkv"].dgrad, layout, dtype, hw)]
+        recomm = [_coll("attn_out_again", "a2a", out, t["out"].wgrad, layout, dtype, hw)]
     else:
         half = volumes.tp_attention(b, s, h, n) / 2
-        fwd += [_coll("attn_ag", "ag", half, t["qkv"].fwd, unit, hw)]
-        fwd += [_coll("attn_rs", "rs", half, t["out"].fwd, unit, hw)]
-        bwd += [_coll("attn_rs_grad", "ag", half, t["out"].dgrad, unit, hw)]
-        bwd += [_coll("attn_ag_grad", "rs", half, t["qkv"].dgrad, unit, hw)]
-        recomm = [_coll("attn_ag_again", "ag", half, t["qkv"].wgrad, unit, hw)]
-    fwd += [_coll("router_stats", "ar", 0.0, 0.0, unit, hw)]
+        fwd += [_coll("attn_ag", "ag", half, t["qkv"].fwd, layout, dtype, hw)]
+        fwd += [_coll("attn_rs", "rs", half, t["out"].fwd, layout, dtype, hw)]
+        bwd += [_coll("attn_rs_grad", "ag", half, t["out"].dgrad, layout, dtype, hw)]
+        bwd += [_coll("attn_ag_grad", "rs", half, t["qkv"].dgrad, layout, dtype, hw)]
+        recomm = [_coll("attn_ag_again", "ag", half, t["qkv"].wgrad, layout, dtype, hw)]
+    fwd += [_coll("router_stats", "ar", 0.0, 0.0, layout, dtype, hw)]
     if layout.ffn == "ep_a2a":
         one = volumes.ep_a2a(b, s, h, n, k) / 2
-        fwd += [_coll("ep_counts", "a2a", 0.0, 0.0, unit, hw)]
-        fwd += [_coll("ep_dispatch", "a2a", one, t["fc13"].fwd, unit, hw)]
-        fwd += [_coll("ep_combine", "a2a", one, t["fc2"].fwd, unit, hw)]
-        bwd += [_coll("ep_combine_grad", "a2a", one, t["fc2"].dgrad, unit, hw)]
-        bwd += [_coll("ep_dispatch_grad", "a2a", one, t["fc13"].dgrad, unit, hw)]
-        recomm += [_coll("ep_dispatch_again", "a2a", one, t["fc13"].wgrad, unit, hw)]
+        fwd += [_coll("ep_counts", "a2a", 0.0, 0.0, layout, dtype, hw)]
+        fwd += [_coll("ep_dispatch", "a2a", one, t["fc13"].fwd, layout, dtype, hw)]
+        fwd += [_coll("ep_combine", "a2a", one, t["fc2"].fwd, layout, dtype, hw)]
+        bwd += [_coll("ep_combine_grad", "a2a", one, t["fc2"].dgrad, layout, dtype, hw)]
+        bwd += [_coll("ep_dispatch_grad", "a2a", one, t["fc13"].dgrad, layout, dtype, hw)]
+        recomm += [_coll("ep_dispatch_again", "a2a", one, t["fc13"].wgrad, layout, dtype, hw)]
     else:
         half = volumes.ep_agrs(b, s, h, n) / 2
-        fwd += [_coll("ffn_ag", "ag", half, t["fc13"].fwd, unit, hw)]
-        fwd += [_coll("ffn_rs", "rs", half, t["fc2"].fwd, unit, hw)]
-        bwd += [_coll("ffn_rs_grad", "ag", half, t["fc2"].dgrad, unit, hw)]
-        bwd += [_coll("ffn_ag_grad", "rs", half, t["fc13"].dgrad, unit, hw)]
-        recomm += [_coll("ffn_ag_again", "ag", half, t["fc13"].wgrad, unit, hw)]
+        fwd += [_coll("ffn_ag", "ag", half, t["fc13"].fwd, layout, dtype, hw)]
+        fwd += [_coll("ffn_rs", "rs", half, t["fc2"].fwd, layout, dtype, hw)]
+        bwd += [_coll("ffn_rs_grad", "ag", half, t["fc2"].dgrad, layout, dtype, hw)]
+        bwd += [_coll("ffn_ag_grad", "rs", half, t["fc13"].dgrad, layout, dtype, hw)]
+        recomm += [_coll("ffn_ag_again", "ag", half, t["fc13"].wgrad, layout, dtype, hw)]
     if layout.recompute == "sar":
         bwd += recomm
     elif layout.recompute == "full":
         # The recomputed forward's collectives, and sequence-parallel linears
         # gather their sharded input again for the weight gradient.
         bwd += fwd + [c for c in recomm if c.kind == "ag"]
+    if layout.implementation == "trainer":
+        fwd, bwd = _trainer_calls(model, layout, hw, fwd, bwd)
     return fwd, bwd
 
 
+def _meta(name: str, kind: str, nbytes: float, hw: Hardware) -> Collective:
+    return Collective(name, kind, nbytes, 0.0, collective_seconds(kind, nbytes, hw))
+
+
+def _trainer_calls(
+    model: ModelConfig, layout: Layout, hw: Hardware, fwd: list, bwd: list
+) -> tuple[list[Collective], list[Collective]]:
+    """The separate calls the trainer makes where fused kernels would carry the data along.
+
+    * SP attention without chunks sends q and k, v as two all-to-alls (k, v projected
+      while q travels); with chunks one per piece, as the ideal form counts them.
+    * Expert all-to-all: each dispatched row's gate, score and global slot index
+      (3 float64) travel beside it, the gate gradient (1 float64) back.
+    * Gathered experts (AG/RS, TP): top-k ids (int64) and gates + scores (2 float32)
+      are all-gathered, the gate gradients reduce-scattered.
+    * Every FP8 collective ships its FP32 scales in a second call: one per row, or for
+      all-gathers one per channel and group of 128 tokens.
+    """
+    n, h, k = layout.n, model.hidden, model.topk
+    T_l = layout.micro_batch * model.seq_len / n
+    frac = (n - 1) / n
+    out_f: list[Collective] = []
+    for c in fwd:
+        if c.name == "attn_qkv" and layout.chunks == 1:
+            q = c.bytes / (1 + 2 / model.gqa_ratio)
+            out_f.append(
+                Collective("attn_q", "a2a", q, c.partner, collective_seconds("a2a", q, hw))
+            )
+            kv = c.bytes - q
+            out_f.append(
+                replace(c, name="attn_kv", bytes=kv, seconds=collective_seconds("a2a", kv, hw))
+            )
+        else:
+            out_f.append(c)
+    out_b = list(bwd)
+    if layout.ffn == "ep_a2a":
+        out_f.append(_meta("ep_meta", "a2a", T_l * k * frac * 24, hw))
+        out_b.append(_meta("ep_meta_grad", "a2a", T_l * k * frac * 8, hw))
+    else:
+        out_f.append(_meta("routing_ids", "ag", T_l * k * (n - 1) * 8, hw))
+        out_f.append(_meta("routing_gates", "ag", T_l * k * (n - 1) * 8, hw))
+        out_b.append(_meta("routing_grad", "rs", T_l * k * (n - 1) * 4, hw))
+    for calls in (out_f, out_b):
+        for c in [c for c in calls if c.fp8]:
+            if c.kind == "ag":  # channel scales: [groups of 128 local rows, h] per rank
+                groups = T_l // 128 if T_l % 128 == 0 else 1
+                scales = groups * h * 4 * (n - 1)
+            else:  # one scale per row of h one-byte elements
+                scales = c.bytes / h * 4
+            calls.append(_meta(f"{c.name}_scales", c.kind, scales, hw))
+    return out_f, out_b
+
+
 # ---------------------------------------------------------------- the layer
+
+
+def fp8_codec_seconds(comm: list[Collective], n: int, hw: Hardware) -> float:
+    """Compute-core time of encoding and decoding the FP8 collectives in ``comm``.
+
+    Zero where the codec is fused into the communication kernels (``fp8_codec_rate``
+    0). Otherwise each FP8 collective encodes its whole input and decodes its whole
+    output: for an all-to-all (and the trainer's FP8 reduce-scatter, which is one) both
+    are n/(n-1) of the booked elements, for an all-gather the input is 1/(n-1) and the
+    output n/(n-1) of them. The probed rate is one encode + decode of the same tensor.
+    """
+    if hw.fp8_codec_rate <= 0 or n == 1:
+        return 0.0
+    elements = 0.0
+    for c in comm:
+        if c.fp8:  # one byte per element on the wire
+            inputs = c.bytes / (n - 1) if c.kind == "ag" else c.bytes * n / (n - 1)
+            elements += inputs + c.bytes * n / (n - 1)
+    return elements / 2 / hw.fp8_codec_rate
 
 
 def layer_cost(model: ModelConfig, layout: Layout, hw: Hardware, dtype: str) -> LayerCost:
@@ -275,40 +390,51 @@ def layer_cost(model: ModelConfig, layout: Layout, hw: Hardware, dtype: str) -> 
     times = {name: gemm_times(g, hw, dtype) for name, g in layer_gemms(model, layout).items()}
     attn = attention_seconds(model, layout, hw, dtype)
     ew_fwd, ew_bwd, ew_sar = elementwise_seconds(model, layout, hw, dtype)
+    fwd_comm, bwd_comm = layer_collectives(model, layout, hw, dtype, times)
     fwd = sum(t.fwd for t in times.values()) + attn + ew_fwd
+    fwd += fp8_codec_seconds(fwd_comm, layout.n, hw)
     wgrad = sum(t.wgrad for t in times.values())
     bwd = sum(t.dgrad for t in times.values()) + wgrad + 2 * attn + ew_bwd
+    bwd += fp8_codec_seconds(bwd_comm, layout.n, hw)
     recompute = {"sar": ew_sar, "full": fwd, "none": 0.0}[layout.recompute]
-    fwd_comm, bwd_comm = layer_collectives(model, layout, hw, dtype, times)
     cost = LayerCost(fwd, bwd, wgrad, recompute, fwd_comm, bwd_comm)
     _apply_overlap(cost, layout, hw)
     return cost
 
 
+def _chunked(c: Collective, layout: Layout) -> bool:
+    """Whether ``comm.chunks`` cuts this collective into pieces beside its GEMM."""
+    if layout.chunks <= 1 or c.partner <= 0:  # metadata: nothing to pipeline with
+        return False
+    return layout.implementation == "ideal" or c.name in TRAINER_CHUNKED
+
+
 def _apply_overlap(cost: LayerCost, layout: Layout, hw: Hardware) -> None:
-    fwd_exposed = [c.seconds for c in cost.fwd_comm]
-    bwd_total = sum(c.seconds for c in cost.bwd_comm)
+    # The part of each collective that keeps the compute cores busy (CPU ranks with no
+    # spare core) is on the critical path whatever the schedule; the rest can hide.
+    pinned = hw.comm_cpu_share
+    fwd_exposed = [c.seconds * (1 - pinned) for c in cost.fwd_comm]
+    bwd_free = [c.seconds * (1 - pinned) for c in cost.bwd_comm]
     share = 1.0
-    if layout.overlap and bwd_total > 0:
+    if layout.overlap and sum(bwd_free) > 0:
         hidden_by = cost.wgrad + cost.recompute
-        share = max(0.0, bwd_total - hidden_by) / bwd_total
-    bwd_exposed = [c.seconds * share for c in cost.bwd_comm]
-    if layout.chunks > 1:
-        latency = hw.efficiency.chunk_latency_s
-        fwd_exposed = [
-            _pipelined(e, c.partner, layout.chunks, latency)
-            for e, c in zip(fwd_exposed, cost.fwd_comm, strict=True)
-        ]
-        bwd_exposed = [
-            _pipelined(e, c.partner, layout.chunks, latency)
-            for e, c in zip(bwd_exposed, cost.bwd_comm, strict=True)
-        ]
-    cost.exposed_fwd = sum(fwd_exposed)
-    cost.exposed_bwd = sum(bwd_exposed)
+        share = max(0.0, sum(bwd_free) - hidden_by) / sum(bwd_free)
+    bwd_exposed = [e * share for e in bwd_free]
+    latency = hw.efficiency.chunk_latency_s
+
+    def split(exposed: float, c: Collective) -> float:
+        if not _chunked(c, layout):
+            return exposed
+        if exposed <= 0 and layout.implementation == "ideal":
+            return exposed  # fused kernels: nothing left to hide, nothing is cut
+        return _pipelined(exposed, c.partner, layout.chunks, latency)
+
+    fwd_exposed = [split(e, c) for e, c in zip(fwd_exposed, cost.fwd_comm, strict=True)]
+    bwd_exposed = [split(e, c) for e, c in zip(bwd_exposed, cost.bwd_comm, strict=True)]
+    cost.exposed_fwd = sum(fwd_exposed) + pinned * sum(c.seconds for c in cost.fwd_comm)
+    cost.exposed_bwd = sum(bwd_exposed) + pinned * sum(c.seconds for c in cost.bwd_comm)
 
 
 def _pipelined(exposed: float, gemm: float, chunks: int, latency: float) -> float:
     """Exposed time of a collective cut into ``chunks`` pieces beside its GEMM."""
-    if exposed <= 0 or gemm <= 0:  # nothing to hide, or nothing to hide behind (metadata)
-        return exposed
     return max(exposed - gemm, 0.0) + min(exposed, gemm) / chunks + (chunks - 1) * latency

@@ -20,6 +20,9 @@ pipeline sends are asynchronous. Two presets name the systems compared:
   intermediate of a large MoE layer leaves no headroom beside its optimizer
   state - 74.8 of 80 GiB for Internal-352B at 240 GPUs - so its recipes for
   large MoE models recompute whole layers).
+
+``trainer_layout`` is a third: what ``megamoe train`` runs for a config
+(``implementation="trainer"``), which bench/calibrate.py predicts.
 """
 
 from __future__ import annotations
@@ -49,6 +52,10 @@ class Layout:
     dp_overlap: bool = True  # gradient RS / parameter AG beside the first / last micro-batch
     pp_async: bool = True  # pipeline sends beside compute
     vocab_parallel: bool = False  # embedding / LM head split over n (else replicated, local shard)
+    # ideal: the paper's kernels (every collective chunked beside its GEMM, FP8 on all of
+    # them); trainer: what trainer.parallel does (chunks on the forward SP-attention and
+    # AG/RS pairs, FP8 on dispatch/combine, forward reductions and gradient all-gathers)
+    implementation: str = "ideal"
 
     @property
     def gpus(self) -> int:
@@ -127,6 +134,41 @@ def megamoe(cfg: Config, gpus: int, global_batch: int) -> Layout:
 def megatron(cfg: Config, gpus: int, global_batch: int) -> Layout:
     """The Megatron-LM-style baseline at the config's n and pp."""
     return baseline_like(megamoe(cfg, gpus, global_batch))
+
+
+def trainer_layout(cfg: Config) -> Layout:
+    """The layout ``megamoe train`` runs for ``cfg``, as ``trainer.parallel`` implements it.
+
+    The config's n, pp, dp, micro-batch, attention and FFN modes, overlap, chunks, gradient
+    sync and FP8; plus what the trainer fixes: SAR in every mode (the macro layer),
+    asynchronous pipeline sends, embedding and LM head replicated on the local shard,
+    and the trainer's chunk and FP8 scopes (``implementation="trainer"``). Routing is
+    balanced, as everywhere in the model (the benchmarks force it).
+
+    DP synchronisation after the last backward, as the recorded ablation ran.
+    ``trainer.parallel.zero`` has since started issuing the gradient reduce-scatter
+    beside backward under ``comm.overlap`` (the parameter all-gather still follows
+    the optimizer step); ``dp_overlap=True`` would also hide the all-gather, so it
+    is left off until the model has that half-overlapped form.
+    """
+    p = cfg.parallel
+    return Layout(
+        n=p.n,
+        pp=p.pp,
+        dp=p.dp,
+        micro_batch=cfg.micro_batch_size,
+        attention=p.attention,
+        ffn=resolve_ffn(p.ffn, cfg.model.topk, p.n),
+        overlap=cfg.comm.overlap,
+        chunks=cfg.comm.chunks,
+        grad_sync=cfg.comm.grad_sync,
+        fp8=cfg.comm.fp8,
+        recompute="sar",
+        dp_overlap=False,
+        pp_async=True,
+        vocab_parallel=False,
+        implementation="trainer",
+    )
 
 
 def baseline_like(layout: Layout) -> Layout:

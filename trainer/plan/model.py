@@ -42,6 +42,7 @@ from trainer.plan.layer import (
     comm_bytes,
     gemm_times,
     layer_cost,
+    link_share,
 )
 from trainer.plan.layout import Layout, micro_batches
 from trainer.plan.memory import Memory, layers_of, memory_per_gpu, stage_params
@@ -179,24 +180,38 @@ def _dp_sync_exposed(
     grad_bytes = 4 if layout.grad_sync == "fp32_rs" else 2
     param_bytes = act_bytes(dtype)
     inter_bw = _link(hw, n * layout.pp * dp)
-    intra_bw = hw.nvlink_bw * eff.gather_scatter
+    ag_bw = hw.nvlink_bw * link_share("ag", eff)
+    rs_bw = hw.nvlink_bw * link_share("rs", eff)
     across = params.synced_across_nodes(layout) * (dp - 1) / dp
     inside = params.replicated * (n - 1) / n
 
-    def seconds(nbytes_per_param: int) -> float:
-        inter = across * nbytes_per_param / inter_bw if dp > 1 else 0.0
-        intra = inside * nbytes_per_param / intra_bw if n > 1 else 0.0
+    def seconds(inter_bytes: int, intra_bytes: int, intra_bw: float) -> float:
+        inter = across * inter_bytes / inter_bw if dp > 1 else 0.0
+        intra = inside * intra_bytes / intra_bw if n > 1 else 0.0
         return (eff.latency_s if inter or intra else 0.0) + max(inter, intra)
 
-    rs, ag = seconds(grad_bytes), seconds(param_bytes)
+    # The node's reduce-scatter sums the FP32 gradient buffer (trainer.parallel.zero);
+    # only the step across the DP group is compressed.
+    rs, ag = seconds(grad_bytes, 4, rs_bw), seconds(param_bytes, param_bytes, ag_bw)
     if not layout.dp_overlap:
         return rs + ag
     # Issued per layer: all but the last layer's (first layer's) share can run
     # beside the backward (forward) of the other layers of the stage.
+    # What keeps the compute cores busy (CPU ranks, ``comm_cpu_share``) stays exposed.
     layers = layers_of(model, layout, 0)
     rs_window = (layers - 1) * (layer.bwd_compute + layer.recompute)
     ag_window = (layers - 1) * layer.fwd_compute
-    return max(rs / layers, rs - rs_window) + max(ag / layers, ag - ag_window)
+    pinned = hw.comm_cpu_share
+    rs, ag, busy = rs * (1 - pinned), ag * (1 - pinned), (rs + ag) * pinned
+    return busy + max(rs / layers, rs - rs_window) + max(ag / layers, ag - ag_window)
+
+
+def _step_all_reduces(layout: Layout, hw: Hardware) -> float:
+    """The trainer's per-step scalars over the world (``trainer.parallel.step``): global
+    gradient norm, pipeline timing and loss, one latency each (ignored for the ideal)."""
+    if layout.implementation != "trainer" or layout.gpus == 1:
+        return 0.0
+    return 3 * hw.efficiency.latency_s
 
 
 def _optimizer_seconds(model: ModelConfig, layout: Layout, hw: Hardware) -> float:
@@ -222,6 +237,7 @@ def predict(
     compute, comm = max(slots, key=sum)
     slot = compute + comm
     dp_exposed = _dp_sync_exposed(model, layout, hw, dtype, layer)
+    dp_exposed += _step_all_reduces(layout, hw)
     optimizer = _optimizer_seconds(model, layout, hw)
     bubble = (layout.pp - 1) * slot
     iteration = M * slot + bubble + dp_exposed + optimizer
