@@ -70,8 +70,12 @@ class Pending:
 
     def __init__(self, comm: Comm, kind: str, work, start: float, finish=None) -> None:
         self.comm, self.kind, self.work, self.start, self.finish = comm, kind, work, start, finish
+        self._done, self._result = False, None
 
     def wait(self):
+        """Block until done (booked once; later calls return the same result)."""
+        if self._done:
+            return self._result
         # A synchronous call blocked the compute thread from its issue on.
         blocked = time.perf_counter() if self.work is not None else self.start
         if self.work is not None:
@@ -80,7 +84,8 @@ class Pending:
         stats = self.comm.stats.kinds[self.kind]
         stats.exposed_seconds += done - blocked
         stats.seconds += done - self.start
-        return self.finish() if self.finish else None
+        self._done, self._result = True, self.finish() if self.finish else None
+        return self._result
 
 
 class Ready:

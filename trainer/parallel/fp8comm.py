@@ -32,8 +32,8 @@ def reduce_scatter_fp8(ctx, full_RH: torch.Tensor, tag: str):
     payload = ctx.issue(ctx.comm.all_to_all, enc.payload, None, None, tag)
     scales = ctx.issue(ctx.comm.all_to_all, enc.scales, None, None, "fp8_scales")
 
-    def finish(_):
-        got, sc = payload.wait(), scales.wait()
+    def finish(got):
+        sc = scales.wait()
         rows = got.shape[0] // n
         parts = [
             decode(Encoded(got[i * rows : (i + 1) * rows], sc[i * rows : (i + 1) * rows], 0))
@@ -52,8 +52,8 @@ def all_gather_fp8(ctx, t_RH: torch.Tensor, tag: str):
     payload = ctx.issue(ctx.comm.all_gather, enc.payload, tag)
     scales = ctx.issue(ctx.comm.all_gather, enc.scales, "fp8_scales")
 
-    def finish(_):
-        got, sc = payload.wait(), scales.wait()
+    def finish(got):
+        sc = scales.wait()
         rows, groups = got.shape[0] // n, sc.shape[0] // n
         parts = [
             decode(Encoded(got[i * rows : (i + 1) * rows], sc[i * groups : (i + 1) * groups], 0))
@@ -71,7 +71,7 @@ def all_to_all_fp8(ctx, rows_RH: torch.Tensor, in_splits, out_splits, tag: str):
     payload = ctx.issue(ctx.comm.all_to_all, enc.payload, in_splits, out_splits, tag)
     scales = ctx.issue(ctx.comm.all_to_all, enc.scales, in_splits, out_splits, "fp8_scales")
 
-    def finish(_):
-        return decode(Encoded(payload.wait(), scales.wait(), 0)).to(rows_RH.dtype)
+    def finish(got):
+        return decode(Encoded(got, scales.wait(), 0)).to(rows_RH.dtype)
 
     return Then(payload, finish)
