@@ -69,6 +69,10 @@ def _all_layouts(rank, world):
         results[(a, f, "overlap")] = _compare(rank, world, a, f, 1.0, overlap=True)
         results[(a, f, "fp8")] = _compare(rank, world, a, f, 0.0, overlap=True, fp8=True)
         results[(a, f, "chunks")] = _compare(rank, world, a, f, 1.0, overlap=True, chunks=2)
+        results[(a, f, "chunks4")] = _compare(rank, world, a, f, 1.0, overlap=True, chunks=4)
+        results[(a, f, "fp8_chunks")] = _compare(
+            rank, world, a, f, 0.0, overlap=True, fp8=True, chunks=2
+        )
     return results
 
 
@@ -107,7 +111,7 @@ def test_drop_counts_follow_the_device_level_rule(results, attention, ffn):
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("attention,ffn", COMBOS)
-@pytest.mark.parametrize("setting", ["overlap", "chunks"])
+@pytest.mark.parametrize("setting", ["overlap", "chunks", "chunks4"])
 def test_overlap_and_chunks_change_nothing_but_timing(results, attention, ffn, setting):
     _, by_rank = results
     for res in by_rank:
@@ -123,12 +127,13 @@ FP8_GRAD_TOL = 0.05  # norm-wise relative error of this rank's gradients (observ
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("attention,ffn", COMBOS)
-def test_fp8_communication_stays_within_tolerance(results, attention, ffn):
+@pytest.mark.parametrize("setting", ["fp8", "fp8_chunks"])
+def test_fp8_communication_stays_within_tolerance(results, attention, ffn, setting):
     # Element-wise comparison is ill-posed here: FP8 rounding in a forward reduction can
     # flip a near-tied top-k choice, moving a whole token between experts. The loss and
     # the gradient as a whole must stay close.
     _, by_rank = results
     for res in by_rank:
-        r = res[(attention, ffn, "fp8")]
+        r = res[(attention, ffn, setting)]
         assert r["loss"] == pytest.approx(r["ref_loss"], rel=FP8_LOSS_TOL)
         assert r["grad_norm_err"] < FP8_GRAD_TOL

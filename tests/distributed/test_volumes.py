@@ -18,10 +18,11 @@ def _tags(comm):
     return dict(comm.stats.tags)
 
 
-def _measure(rank, world, attention, ffn, forced):
+def _measure(rank, world, attention, ffn, forced, chunks=1):
     cfg = small_config(
-        world, "model.layers=1", f"parallel.attention={attention}", f"parallel.ffn={ffn}"
-    )
+        world, "model.layers=1", f"parallel.attention={attention}", f"parallel.ffn={ffn}",
+        f"comm.chunks={chunks}", f"comm.overlap={chunks > 1}",
+    )  # fmt: skip
     *_, model, comm, x, y = reference_and_parallel(cfg, rank, world, batch=B, forced=forced)
     comm.stats.tags.clear()
     logits, bal, stats = model(x)
@@ -29,7 +30,9 @@ def _measure(rank, world, attention, ffn, forced):
     (model.local_loss(logits, y) + bal).backward()
     total = _tags(comm)
     backward = {k: total[k] - forward.get(k, 0) for k in total}
-    return {"forward": forward, "backward": backward, "retained": stats["retained_bytes"]}
+    calls = {kind: k.calls for kind, k in comm.stats.kinds.items()}
+    return {"forward": forward, "backward": backward, "retained": stats["retained_bytes"],
+            "calls": calls}  # fmt: skip
 
 
 def _rows_leaving(rank, world, cfg):
@@ -53,6 +56,7 @@ def _all(rank, world):
     out = {}
     for attention, ffn in (("sp", "ep_a2a"), ("sp", "ep_agrs"), ("tp", "tp")):
         out[(attention, ffn)] = _measure(rank, world, attention, ffn, forced=True)
+        out[(attention, ffn, "chunks")] = _measure(rank, world, attention, ffn, True, chunks=2)
     out["real"] = _measure(rank, world, "sp", "ep_a2a", forced=False)
     out["real"]["rows"] = _rows_leaving(rank, world, small_config(world, "model.layers=1"))
     return out
@@ -137,3 +141,21 @@ def test_dispatch_bytes_with_real_routing_match_the_routing(measured):
         dispatched.append(real["ep_dispatch"])
     # an untrained router is not balanced: some rank sends more than the closed form says
     assert max(dispatched) != balanced or min(dispatched) != balanced
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("layout", [("sp", "ep_a2a"), ("sp", "ep_agrs")])
+def test_chunks_move_the_same_bytes_in_more_pieces(measured, layout):
+    # comm.chunks = 2 pipelines every communication-bound pair, forward and backward:
+    # the payload is unchanged, it just travels as twice as many collectives.
+    _, by_rank = measured
+    for res in by_rank:
+        plain, chunked = res[layout], res[(*layout, "chunks")]
+        for phase in ("forward", "backward"):
+            for tag in ("attn_qkv", "attn_out", "ep_dispatch", "ep_combine", "ffn_ag", "ffn_rs"):
+                assert chunked[phase].get(tag) == plain[phase].get(tag), (phase, tag)
+        kind = "all_to_all" if layout[1] == "ep_a2a" else "all_gather"
+        assert chunked["calls"][kind] > plain["calls"][kind]
+        # SP: the output a2a (forward), d(attn) and d(qkv) (backward) each go in 2 pieces;
+        # the QKV pair sends q and kv separately even unchunked.
+        assert chunked["calls"]["all_to_all"] >= plain["calls"]["all_to_all"] + 3

@@ -106,27 +106,21 @@ def _sp_output_a2a(ctx, out_BNSD, tag):
 
 
 def sp_backward(ctx, d_h, x, ln1_w, wqkv, wo, saved):
-    """Overlap: dW_o while d(attn) is all-to-all'd; the norm is recomputed while d(qkv) is."""
-    B, L, _ = x.shape
-    nl, gl, D = ctx.heads // ctx.n, ctx.kv_heads // ctx.n, ctx.head_dim
+    """Overlap: dW_o while d(attn) is all-to-all'd; the norm is recomputed while d(qkv) is.
+
+    Both communication-bound pairs go through ``pairs`` in ``comm.chunks`` pieces.
+    """
+    L = x.shape[1]
     attn_handle = _sp_output_a2a(ctx, saved["attn_out"], "attn_out")  # SAR: re-communicate
-    d_attn_a2a = d_h @ wo
-    send = d_attn_a2a.view(B, L, ctx.n, nl, D).permute(2, 0, 1, 3, 4)
-    d_out_handle = _issue_seq_to_heads(ctx, send, "attn_out")
+    d_out_handle = pairs.wo_bwd_a2a(ctx, d_h, wo, ctx.chunks)
     _, d_wo = linear_bwd(d_h, attn_handle.wait(), wo)
-    d_out = d_out_handle.wait().transpose(1, 2)
     q, k, v = _split_local_heads(ctx, saved["qkv_a2a"])
-    dq, dk, dv = attention_bwd(d_out, q, k, v, saved["attn_out"], saved["attn_lse"])
+    dq, dk, dv = attention_bwd(d_out_handle.wait(), q, k, v, saved["attn_out"], saved["attn_lse"])
     d_local = torch.cat([dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)], dim=2)
-    back = _issue_heads_to_seq(ctx, d_local, "attn_qkv")
-    ln1 = rmsnorm_fwd(x, ln1_w, ctx.eps)  # SAR: recompute the norm while d(qkv) travels
-    dq_, dk_, dv_ = back.wait().split([nl, gl, gl], dim=3)  # each [n, B, L, heads / n, D]
-    pos = ctx.local_positions(L)
-    dq_ = rope(dq_.permute(1, 2, 0, 3, 4).reshape(B, L, ctx.heads, D), pos, ctx.rope_theta, True)
-    dk_ = rope(dk_.permute(1, 2, 0, 3, 4).reshape(B, L, ctx.kv_heads, D), pos, ctx.rope_theta, True)
-    dv_ = dv_.permute(1, 2, 0, 3, 4).reshape(B, L, ctx.kv_heads * D)
-    d_qkv = torch.cat([dq_.reshape(B, L, -1), dk_.reshape(B, L, -1), dv_], dim=-1)
-    d_ln1, d_wqkv = linear_bwd(d_qkv, ln1, wqkv)
+    d_ln1, d_wqkv = pairs.a2a_qkv_bwd(
+        ctx, d_local, lambda: rmsnorm_fwd(x, ln1_w, ctx.eps), wqkv, ctx.local_positions(L),
+        ctx.chunks,
+    )  # fmt: skip
     dx, d_ln1_w = rmsnorm_bwd(d_ln1, x, ln1_w, ctx.eps)
     return d_h + dx, (d_ln1_w, d_wqkv, d_wo)
 

@@ -108,6 +108,16 @@ class Then:
         return self.post(self.handle.wait())
 
 
+class Joined:
+    """Several handles waited together; ``post`` gets their results as a list."""
+
+    def __init__(self, handles, post) -> None:
+        self.handles, self.post = handles, post
+
+    def wait(self):
+        return self.post([h.wait() for h in self.handles])
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 

@@ -30,10 +30,10 @@ from __future__ import annotations
 import torch
 
 from trainer.model.router import capacity_keep, group_capacity
-from trainer.parallel.comm import Ready, Then
+from trainer.parallel.comm import Joined, Ready
 from trainer.parallel.fp8comm import all_gather_fp8, all_to_all_fp8, reduce_scatter_fp8
 from trainer.parallel.ops import expert_bwd_data, swiglu_act, swiglu_fwd
-from trainer.parallel.pairs import ag_grouped_gemm_rs
+from trainer.parallel.pairs import ag_grouped_gemm_rs, ag_grouped_gemm_rs_bwd, issuer
 
 # ---------------------------------------------------------------- router
 
@@ -147,49 +147,82 @@ def grouped_bwd_weights(xs, segments, dfc1, dfc3, w1):
 
 
 def a2a_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved, side=None):
-    """Overlap: ``side()`` (the shared expert) runs while the tokens are dispatched."""
+    """Dispatch all-to-all -> grouped GEMMs -> combine all-to-all, in ``comm.chunks`` pieces.
+
+    Pieces are runs of local tokens. With K > 1 the two ep_a2a pairs (dispatch +
+    grouped GEMM, grouped GEMM + combine) pipeline: piece c + 1 is dispatched
+    while piece c's experts compute, and piece c is combined while c + 1's do.
+    Overlap: ``side()`` (the shared expert) runs while the tokens are dispatched.
+    """
     T_l, k = ids.shape
-    n, E, El = ctx.n, ctx.experts, ctx.experts // ctx.n
+    n, E, El, K = ctx.n, ctx.experts, ctx.experts // ctx.n, ctx.chunks
+    issue = issuer(ctx)
     flat_e = ids.reshape(-1)
-    slot_order = torch.sort(flat_e, stable=True).indices
-    counts_E = torch.bincount(flat_e, minlength=E)
-    recv_counts = ctx.comm.all_to_all(counts_E.view(n, El), None, None, "ep_counts")
-    in_splits = counts_E.view(n, El).sum(1).tolist()
-    out_splits = recv_counts.sum(1).tolist()
+    piece_of_slot = (torch.arange(T_l * k, device=ids.device) // k) * K // T_l
+    # Send order: piece, then expert (= destination rank, then its local expert).
+    slot_order = torch.sort(piece_of_slot * E + flat_e, stable=True).indices
+    counts_KE = torch.bincount(piece_of_slot * E + flat_e, minlength=K * E).view(K, E)
+    send_counts = counts_KE.view(K, n, El).transpose(0, 1).reshape(n, K * El)
+    recv_counts = ctx.comm.all_to_all(send_counts, None, None, "ep_counts").view(n, K, El)
     token_of = slot_order // k
-    if ctx.fp8:
-        x_handle = all_to_all_fp8(ctx, x2[token_of], in_splits, out_splits, "ep_dispatch")
-    else:
-        x_handle = ctx.issue(
-            ctx.comm.all_to_all, x2[token_of], in_splits, out_splits, "ep_dispatch"
-        )
     # float64 carries the global slot index exactly (float32 would stop at 2**24).
     slots = ctx.global_slots(T_l, k).to(device=x2.device, dtype=torch.float64)
     meta = torch.stack([gates.reshape(-1).double(), scores.reshape(-1).double(), slots], dim=1)
-    meta_handle = ctx.issue(ctx.comm.all_to_all, meta[slot_order], in_splits, out_splits, "ep_meta")
+    pieces = _pieces(counts_KE.view(K, n, El).sum(-1), recv_counts, slot_order)
+    meta = meta[slot_order]
+    metas = [issue(ctx.comm.all_to_all, meta[p["send"]], *p["splits"], "ep_meta") for p in pieces]
+    xs = [_dispatch(ctx, issue, x2[token_of[p["send"]]], p["splits"]) for p in pieces]
     side_out = side() if side else None
-    recv_x, recv_meta = x_handle.wait(), meta_handle.wait()
-    local_e = torch.arange(El, device=x2.device).repeat(n).repeat_interleave(recv_counts.flatten())
-    keep = _receiver_keep(ctx, recv_meta, T_l * n, k)
-    kept = keep.nonzero().squeeze(-1)
-    perm = kept[torch.sort(local_e[kept], stable=True).indices]
-    counts = torch.bincount(local_e[perm], minlength=El).tolist()
-    gs = recv_meta[perm, 0].float()
-    ys, fc1, fc3 = grouped_fwd(recv_x[perm], gs, segments_of(counts), w1, w3, w2, ctx.fp8)
-    y_recv = ys.new_zeros(recv_x.shape).index_copy(0, perm, ys)
-    if ctx.fp8:
-        back = all_to_all_fp8(ctx, y_recv, out_splits, in_splits, "ep_combine")
-    else:
-        back = ctx.issue(ctx.comm.all_to_all, y_recv, out_splits, in_splits, "ep_combine")
+    recv_meta = torch.cat([m.wait() for m in metas])
+    # Capacity needs every assignment to this device group: decided once, over all pieces.
+    keep = _receiver_keep(ctx, recv_meta, T_l * n, k).split([p["rows"] for p in pieces])
+    backs, fc1s, fc3s, gss, counts = [], [], [], [], [0] * El
+    for c, (p, x_handle) in enumerate(zip(pieces, xs, strict=True)):
+        local_e = torch.arange(El, device=x2.device).repeat(n)
+        local_e = local_e.repeat_interleave(recv_counts[:, c].flatten())
+        kept = keep[c].nonzero().squeeze(-1)
+        p["perm"] = kept[torch.sort(local_e[kept], stable=True).indices]
+        piece_counts = torch.bincount(local_e[p["perm"]], minlength=El).tolist()
+        p["segments"] = segments_of(piece_counts)
+        counts = [a + b for a, b in zip(counts, piece_counts, strict=True)]
+        recv_meta_c = recv_meta[p["offset"] : p["offset"] + p["rows"]]
+        gs = recv_meta_c[p["perm"], 0].float()
+        recv_x = x_handle.wait()
+        ys, fc1, fc3 = grouped_fwd(recv_x[p["perm"]], gs, p["segments"], w1, w3, w2, ctx.fp8)
+        y_recv = ys.new_zeros(recv_x.shape).index_copy(0, p["perm"], ys)
+        backs.append(_dispatch(ctx, issue, y_recv, p["splits"][::-1], "ep_combine"))
+        fc1s.append(fc1)
+        fc3s.append(fc3)
+        gss.append(gs)
     saved.update(
-        fc1=fc1, fc3=fc3, slot_order=slot_order, token_of=token_of, perm=perm,
-        segments=segments_of(counts),
-        gs=gs, in_splits=in_splits, out_splits=out_splits, rows=recv_x.shape[0],
+        fc1=torch.cat(fc1s), fc3=torch.cat(fc3s), slot_order=slot_order, token_of=token_of,
+        pieces=pieces, gs=torch.cat(gss),
     )  # fmt: skip
-    saved["dropped"] = recv_x.shape[0] - perm.numel()
+    saved["dropped"] = sum(p["rows"] - p["perm"].numel() for p in pieces)
     saved["expert_counts"] = counts
-    combined = Then(back, lambda b: _gather_slots(b, slot_order, T_l, k))
+    combined = Joined(backs, lambda rows: _gather_slots(torch.cat(rows), slot_order, T_l, k))
     return combined, side_out
+
+
+def _dispatch(ctx, issue, rows, splits, tag="ep_dispatch"):
+    if ctx.fp8:
+        return all_to_all_fp8(ctx, rows, *splits, tag)
+    return issue(ctx.comm.all_to_all, rows, *splits, tag)
+
+
+def _pieces(send_KN, recv_NKE, slot_order):
+    """Per piece: its rows in send order (positions in ``slot_order``), splits, received rows."""
+    pieces, sent, offset = [], 0, 0
+    for c in range(send_KN.shape[0]):
+        in_splits = send_KN[c].tolist()
+        out_splits = recv_NKE[:, c].sum(-1).tolist()
+        rows = sum(out_splits)
+        send = torch.arange(sent, sent + sum(in_splits), device=slot_order.device)
+        pieces.append({"send": send, "splits": (in_splits, out_splits), "rows": rows,
+                       "offset": offset})  # fmt: skip
+        sent += sum(in_splits)
+        offset += rows
+    return pieces
 
 
 def _gather_slots(rows_AH, slot_order, T_l, k):
@@ -212,27 +245,42 @@ def _receiver_keep(ctx, recv_meta, tokens, k):
 
 
 def a2a_backward(ctx, d_out, recompute_x2, w1, w3, w2, saved, side=None):
-    """Overlap: the norm is recomputed and the inputs re-dispatched while d(out) is
-    dispatched; ``side()`` runs beside both; dW1/dW3 run while dx is combined."""
+    """The forward's pieces in reverse roles. Overlap: the norm is recomputed and the
+    inputs re-dispatched while d(out) is dispatched; ``side()`` runs beside both; each
+    piece's dx is combined while its dW1/dW3 and the next piece's data gradients run."""
     s = saved
     T_l, H = d_out.shape
     k = ctx.topk
-    splits = (s["in_splits"], s["out_splits"])
-    d_handle = ctx.issue(ctx.comm.all_to_all, d_out[s["token_of"]], *splits, "ep_dispatch")
+    issue = issuer(ctx)
+    pieces, token_of = s["pieces"], s["token_of"]
+    ds = [issue(ctx.comm.all_to_all, d_out[token_of[p["send"]]], *p["splits"], "ep_dispatch")
+          for p in pieces]  # fmt: skip
     x2 = recompute_x2()
-    x_handle = ctx.issue(ctx.comm.all_to_all, x2[s["token_of"]], *splits, "ep_dispatch")
+    xs = [issue(ctx.comm.all_to_all, x2[token_of[p["send"]]], *p["splits"], "ep_dispatch")
+          for p in pieces]  # fmt: skip
     side_out = side(x2) if side else None
-    perm = s["perm"]
-    dxs, dgs, dw2, dfc1, dfc3 = grouped_bwd_data(
-        d_handle.wait()[perm], s["gs"], s["segments"], s["fc1"], s["fc3"], w1, w3, w2, ctx.fp8
-    )
-    d_recv_x = dxs.new_zeros(s["rows"], H).index_copy(0, perm, dxs)
-    back = ctx.issue(ctx.comm.all_to_all, d_recv_x, s["out_splits"], s["in_splits"], "ep_combine")
-    d_g_recv = dgs.new_zeros(s["rows"]).index_copy(0, perm, dgs).double()
-    g_back = ctx.issue(ctx.comm.all_to_all, d_g_recv, s["out_splits"], s["in_splits"], "ep_meta")
-    dw1, dw3 = grouped_bwd_weights(x_handle.wait()[perm], s["segments"], dfc1, dfc3, w1)
-    d_x2 = d_out.new_zeros(T_l, H).index_add(0, s["token_of"], back.wait().to(d_out.dtype))
-    d_g_send = g_back.wait()
+    dw1, dw3, dw2 = torch.zeros_like(w1), torch.zeros_like(w1), torch.zeros_like(w2)
+    backs, g_backs, row = [], [], 0
+    for p, d_handle, x_handle in zip(pieces, ds, xs, strict=True):
+        perm, segments = p["perm"], p["segments"]
+        rows = slice(row, row + perm.numel())
+        row = rows.stop
+        dxs, dgs, dw2_p, dfc1, dfc3 = grouped_bwd_data(
+            d_handle.wait()[perm], s["gs"][rows], segments, s["fc1"][rows], s["fc3"][rows],
+            w1, w3, w2, ctx.fp8,
+        )  # fmt: skip
+        dw2 += dw2_p
+        d_recv_x = dxs.new_zeros(p["rows"], H).index_copy(0, perm, dxs)
+        back_splits = p["splits"][::-1]
+        backs.append(issue(ctx.comm.all_to_all, d_recv_x, *back_splits, "ep_combine"))
+        d_g_recv = dgs.new_zeros(p["rows"]).index_copy(0, perm, dgs).double()
+        g_backs.append(issue(ctx.comm.all_to_all, d_g_recv, *back_splits, "ep_meta"))
+        dw1_p, dw3_p = grouped_bwd_weights(x_handle.wait()[perm], segments, dfc1, dfc3, w1)
+        dw1 += dw1_p
+        dw3 += dw3_p
+    back = torch.cat([b.wait() for b in backs]).to(d_out.dtype)
+    d_x2 = d_out.new_zeros(T_l, H).index_add(0, token_of, back)
+    d_g_send = torch.cat([g.wait() for g in g_backs])
     d_gates = d_g_send.new_zeros(T_l * k).index_copy(0, s["slot_order"], d_g_send)
     return d_x2, d_gates.view(T_l, k).float(), (dw1, dw3, dw2), x2, side_out
 
@@ -301,6 +349,8 @@ def _global_keep(ctx, scores_all, ids_all, T_l):
 def gathered_backward(ctx, d_out, recompute_x2, w1, w3, w2, saved, side=None):
     """Overlap: the norm is recomputed and the inputs re-gathered while d(out) is gathered;
     ``side()`` runs beside both; dW1/dW3 run while dx is reduce-scattered."""
+    if ctx.chunks > 1:
+        return ag_grouped_gemm_rs_bwd(ctx, d_out, recompute_x2, w1, w3, w2, saved, side)
     s = saved
     T_l, H = d_out.shape
     n, k = ctx.n, ctx.topk

@@ -19,8 +19,25 @@ A fused implementation replaces a function's body, not the schedule.
   chained, so piece c + 1 is gathered while c computes and c is reduced while
   c + 1 computes.
 
-Collectives here are always asynchronous (chunking only makes sense with
-overlap). Results equal the unchunked path up to GEMM summation order; the
+Backward runs the duals, in the same pieces, for any K (K = 1 is the unchunked
+schedule):
+
+* ``wo_bwd_a2a``: d(attention output) = d(h) W_o on local token piece c, then
+  its all-to-all to head-sharded layout, while piece c + 1's GEMM runs (and
+  dW_o runs after the last piece is issued).
+* ``a2a_qkv_bwd``: d(qkv) back to sequence-sharded in pieces of each
+  destination's local sequence; RoPE backward and the QKV data and weight
+  GEMMs run on piece c while c + 1 travels.
+* ``ag_grouped_gemm_rs_bwd``: the FFN pairs' duals in the forward's token
+  pieces: d(out) of piece c is all-gathered while c - 1's FC2/SwiGLU/FC1/FC3
+  data gradients run; its dx is reduce-scattered while its dW1/dW3 and the
+  next piece run.
+* The ep_a2a pairs (dispatch + grouped GEMM, grouped GEMM + combine) are
+  pipelined the same way in ``moe.a2a_forward`` / ``moe.a2a_backward``: pieces
+  of local tokens, capacity decided once over all pieces' routing metadata.
+
+Collectives of chunked pairs are always asynchronous (chunking only makes
+sense with overlap). Results equal the unchunked path up to GEMM summation order; the
 saved tensors for backward have the same layout except the FFN rows, which are
 ordered (piece, expert) and described by ``segments``.
 """
@@ -29,7 +46,15 @@ from __future__ import annotations
 
 import torch
 
+from trainer.parallel.comm import Joined
 from trainer.parallel.ops import rope
+
+
+def issuer(ctx):
+    """How a pair starts a collective: asynchronous when chunked, else as ``comm.overlap`` says."""
+    if ctx.chunks > 1:
+        return lambda collective, *args: collective(*args, async_op=True)
+    return ctx.issue
 
 
 def _rope(ctx, t_BLX, positions, heads):
@@ -99,7 +124,7 @@ def ag_grouped_gemm_rs(ctx, x2, mine, gs_all, ids_all, first, w1, w3, w2, chunks
         for c in range(chunks)
     ]
     flat_ids, flat_gs = ids_all.reshape(-1), gs_all.reshape(-1)
-    outs, sel, toks, gates, segs, fc1s, fc3s = [], [], [], [], [], [], []
+    outs, sel, toks, gates, segs, fc1s, fc3s, piece_rows = [], [], [], [], [], [], [], []
     for c, handle in enumerate(gathers):
         rows = (torch.arange(n)[:, None] * T_l + c * Tc + torch.arange(Tc)[None, :]).reshape(-1)
         slots = mine[rows].reshape(-1).nonzero().squeeze(-1)  # within-piece (row, slot)
@@ -115,6 +140,7 @@ def ag_grouped_gemm_rs(ctx, x2, mine, gs_all, ids_all, first, w1, w3, w2, chunks
             outs.append(reduce_scatter_fp8(ctx, full, "ffn_rs"))
         else:
             outs.append(ctx.comm.reduce_scatter(full, "ffn_rs", async_op=True))
+        piece_rows.append(slots.numel())
         sel.append(global_slots)
         toks.append(rows[slots // k])
         gates.append(g_c)
@@ -125,5 +151,107 @@ def ag_grouped_gemm_rs(ctx, x2, mine, gs_all, ids_all, first, w1, w3, w2, chunks
     saved = {
         "fc1": torch.cat(fc1s), "fc3": torch.cat(fc3s), "slot_sel": torch.cat(sel),
         "tokens": torch.cat(toks), "gs": torch.cat(gates), "segments": segs,
+        "piece_rows": piece_rows,
     }  # fmt: skip
     return out, saved
+
+
+def wo_bwd_a2a(ctx, d_h_BLH, wo, chunks: int):
+    """d(attn output) on the local sequence -> handle of [B, Nl, S, D] (head-sharded).
+
+    Piece c of the local sequence is multiplied by W_o and sent while c + 1 is.
+    """
+    B, L, _ = d_h_BLH.shape
+    n, nl, D, Lc = ctx.n, ctx.heads // ctx.n, ctx.head_dim, L // chunks
+    issue = issuer(ctx)
+    pending = []
+    for c in range(chunks):
+        d_c = d_h_BLH[:, c * Lc : (c + 1) * Lc] @ wo  # [B, Lc, N * D]
+        send = d_c.view(B, Lc, n, nl * D).permute(2, 0, 1, 3).reshape(n * B * Lc, nl * D)
+        pending.append(issue(ctx.comm.all_to_all, send, None, None, "attn_out"))
+
+    def assemble(recvs):  # piece c from source s covers positions s L + c Lc ...
+        pieces = torch.stack([r.view(n, B, Lc, nl, D) for r in recvs], dim=2)
+        return pieces.reshape(n, B, L, nl, D).permute(1, 3, 0, 2, 4).reshape(B, nl, n * L, D)
+
+    return Joined(pending, assemble)
+
+
+def a2a_qkv_bwd(ctx, d_BSXD, ln1_fn, wqkv, positions, chunks: int):
+    """Head-sharded d(qkv) over the full sequence -> (d(ln1) [B, L, H], dW_qkv).
+
+    ``ln1_fn()`` recomputes the norm (SAR) while the first pieces travel.
+    """
+    B, S, X, D = d_BSXD.shape
+    n = ctx.n
+    L = S // n
+    Lc = L // chunks
+    nl, gl = ctx.heads // n, ctx.kv_heads // n
+    issue = issuer(ctx)
+    per_rank = d_BSXD.view(B, n, L, X, D)
+    pending = []
+    for c in range(chunks):
+        send = per_rank[:, :, c * Lc : (c + 1) * Lc].transpose(0, 1).reshape(n * B * Lc, X * D)
+        pending.append(issue(ctx.comm.all_to_all, send, None, None, "attn_qkv"))
+    ln1 = ln1_fn()
+    d_ln1 = torch.empty_like(ln1)
+    d_wqkv = torch.zeros_like(wqkv)
+    for c, handle in enumerate(pending):
+        piece = slice(c * Lc, (c + 1) * Lc)
+        dq, dk, dv = handle.wait().view(n, B, Lc, X, D).split([nl, gl, gl], dim=3)
+        pos = positions[piece]
+
+        def heads(t):  # [n, B, Lc, x, D] -> [B, Lc, n x, D]: global head order
+            return t.permute(1, 2, 0, 3, 4).reshape(B, Lc, -1, D)
+
+        dq = rope(heads(dq), pos, ctx.rope_theta, inverse=True)
+        dk = rope(heads(dk), pos, ctx.rope_theta, inverse=True)
+        d_qkv = torch.cat([t.reshape(B, Lc, -1) for t in (dq, dk, heads(dv))], dim=-1)
+        d_ln1[:, piece] = d_qkv @ wqkv
+        d_wqkv += d_qkv.reshape(B * Lc, -1).T @ ln1[:, piece].reshape(B * Lc, -1)
+    return d_ln1, d_wqkv
+
+
+def ag_grouped_gemm_rs_bwd(ctx, d_out, recompute_x2, w1, w3, w2, saved, side=None):
+    """Backward of ``ag_grouped_gemm_rs`` piece by piece (same returns as
+    ``moe.gathered_backward``); the inputs are re-gathered (SAR) in the same pieces."""
+    from trainer.parallel.fp8comm import all_gather_fp8
+    from trainer.parallel.moe import grouped_bwd_data, grouped_bwd_weights
+
+    s = saved
+    T_l, H = d_out.shape
+    n, k, K = ctx.n, ctx.topk, ctx.chunks
+    Tc = T_l // K
+    if ctx.fp8:
+        ds = [all_gather_fp8(ctx, d_out[c * Tc : (c + 1) * Tc], "ffn_ag") for c in range(K)]
+    else:
+        ds = [ctx.comm.all_gather(d_out[c * Tc : (c + 1) * Tc], "ffn_ag", async_op=True)
+              for c in range(K)]  # fmt: skip
+    x2 = recompute_x2()
+    xs = [ctx.comm.all_gather(x2[c * Tc : (c + 1) * Tc], "ffn_ag", async_op=True)
+          for c in range(K)]  # fmt: skip
+    side_out = side(x2) if side else None
+    dw1, dw3, dw2 = torch.zeros_like(w1), torch.zeros_like(w1), torch.zeros_like(w2)
+    rss, g_rss, row, El = [], [], 0, w1.shape[0]
+    for c in range(K):
+        rows = slice(row, row + s["piece_rows"][c])
+        row = rows.stop
+        segments = s["segments"][c * El : (c + 1) * El]  # each piece lists every local expert
+        tokens = s["tokens"][rows]  # rows of the whole gathered batch -> rows of piece c
+        local = (tokens // T_l) * Tc + tokens % T_l - c * Tc
+        dxs, dgs, dw2_c, dfc1, dfc3 = grouped_bwd_data(
+            ds[c].wait()[local], s["gs"][rows], segments, s["fc1"][rows], s["fc3"][rows],
+            w1, w3, w2, ctx.fp8,
+        )  # fmt: skip
+        dw2 += dw2_c
+        d_x = dxs.new_zeros(n * Tc, H).index_add(0, local, dxs)
+        rss.append(ctx.comm.reduce_scatter(d_x, "ffn_rs", async_op=True))
+        d_g = dgs.new_zeros(n * Tc * k).index_copy(0, local * k + s["slot_sel"][rows] % k, dgs)
+        g_rss.append(ctx.comm.reduce_scatter(d_g.view(n * Tc, k).float(), "routing",
+                                             async_op=True))  # fmt: skip
+        dw1_c, dw3_c = grouped_bwd_weights(xs[c].wait()[local], segments, dfc1, dfc3, w1)
+        dw1 += dw1_c
+        dw3 += dw3_c
+    d_x2 = torch.cat([h.wait() for h in rss])
+    d_gates = torch.cat([h.wait() for h in g_rss])
+    return d_x2, d_gates, (dw1, dw3, dw2), x2, side_out
