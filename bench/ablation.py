@@ -12,10 +12,14 @@ Rows (each adds one thing to the previous, PAPER.md section 7):
   6. + FP8 communication (comm.fp8)
 
 A 2-layer MoE (h 256, h_ffn 512, 8 experts top-2, seq 512, 4 sequences) trains
-on 4 ranks, one thread each. Per row: the median over steps of the slowest
+on 4 ranks, one thread each. All rows live in the same 4 processes and run
+interleaved, one step of each per round, so the machine's drifting load is
+shared by every row. Per row: the median over steps of the slowest
 rank's step time and its ratio to row 1, normalised throughput (the inverse,
 the paper's measure), the slowest rank's exposed communication per step, the
-overlap ratio (1 - exposed / collective time) and bytes sent per rank.
+overlap ratio (1 - exposed / collective time) and bytes sent per rank. The JSON
+also says whether exposed communication fell at each overlap step
+(``exposed_falls``).
 
 ``--intra-mbit auto`` sets the fabric's per-rank link so that row 1 spends
 about 40 % of its step communicating (the paper measured 43.6 % of forward
@@ -52,17 +56,15 @@ LADDER = [
 PAPER = [1.00, 1.13, 1.22, 1.28, None, None]  # normalised throughput, 240 H800
 
 
-def worker(rank: int, world: int, overrides: list[str], steps: int, warmup: int) -> dict:
-    """Time ``steps`` training steps of the parallel model on this rank."""
+def _build_row(rank: int, world: int, overrides: list[str]):
+    """One ladder row's model, optimizer and schedule on this rank (its own groups and stats)."""
     import torch
-    import torch.distributed as dist
 
     from trainer.config import Config, apply_overrides
     from trainer.parallel.dims import ParallelDims
     from trainer.parallel.launch import build_comms
     from trainer.parallel.model import build_parallel_model
     from trainer.parallel.pipeline import StageRunner
-    from trainer.parallel.step import parallel_train_step
     from trainer.parallel.zero import ZeroOptimizer
 
     cfg = apply_overrides(Config(), [*MODEL, *overrides])
@@ -75,27 +77,50 @@ def worker(rank: int, world: int, overrides: list[str], steps: int, warmup: int)
     )
     runner = StageRunner(model, cfg, comms.pp, (None, None),
                          optimizer.arm if cfg.comm.overlap else None)  # fmt: skip
+    return cfg, comms, runner, optimizer
+
+
+def worker(rank: int, world: int, ladder: list[list[str]], steps: int, warmup: int) -> list:
+    """Time every ladder row on this rank, the rows interleaved step by step.
+
+    Each round runs one step of every row (starting at a different row each round), so
+    drift in the machine's load falls on all rows alike instead of on whichever row
+    happened to run during it.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from trainer.parallel.step import parallel_train_step
+
+    rows = [_build_row(rank, world, overrides) for overrides in ladder]
+    cfg = rows[0][0]
     L = cfg.model.seq_len // world
     g = torch.Generator().manual_seed(0)
-    times, exposed, comm_s, sent = [], [], [], []
-    stats = comms.world.stats
+    out = [{"times": [], "exposed": [], "comm": [], "by_tag": [], "bytes": 0} for _ in rows]
     for step in range(warmup + steps):
         tokens = torch.randint(0, cfg.model.vocab_size, (4, cfg.model.seq_len + 1), generator=g)
         batch = [
             (tokens[:, rank * L : (rank + 1) * L], tokens[:, rank * L + 1 : (rank + 1) * L + 1])
         ]
-        dist.barrier()
-        total0, exposed0 = stats.totals()
-        bytes0 = sum(k.bytes for k in stats.kinds.values())
-        start = time.perf_counter()
-        parallel_train_step(runner, optimizer, batch, cfg, comms)
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-            total1, exposed1 = stats.totals()
-            exposed.append(exposed1 - exposed0)
-            comm_s.append(total1 - total0)
-            sent.append(sum(k.bytes for k in stats.kinds.values()) - bytes0)
-    return {"times": times, "exposed": exposed, "comm": comm_s, "bytes": sent[-1]}
+        for i in [(step + j) % len(rows) for j in range(len(rows))]:
+            row_cfg, comms, runner, optimizer = rows[i]
+            stats = comms.world.stats
+            dist.barrier()
+            total0, exposed0 = stats.totals()
+            bytes0 = sum(k.bytes for k in stats.kinds.values())
+            tags0 = dict(stats.tag_exposed)
+            start = time.perf_counter()
+            parallel_train_step(runner, optimizer, batch, row_cfg, comms)
+            if step >= warmup:
+                out[i]["times"].append(time.perf_counter() - start)
+                total1, exposed1 = stats.totals()
+                out[i]["exposed"].append(exposed1 - exposed0)
+                out[i]["comm"].append(total1 - total0)
+                out[i]["by_tag"].append(
+                    {t: v - tags0.get(t, 0.0) for t, v in stats.tag_exposed.items()}
+                )
+                out[i]["bytes"] = sum(k.bytes for k in stats.kinds.values()) - bytes0
+    return out
 
 
 def summarise(name: str, ranks: list[dict], steps: int) -> dict:
@@ -109,15 +134,22 @@ def summarise(name: str, ranks: list[dict], steps: int) -> dict:
         "exposed_s": exposed,
         "overlap_ratio": 1.0 - statistics.median(ranks[worst]["exposed"]) / comm if comm else 0.0,
         "bytes_per_rank": ranks[0]["bytes"],
+        "exposed_by_tag_s": {  # the slowest rank's, median per step
+            tag: statistics.median(step.get(tag, 0.0) for step in ranks[worst]["by_tag"])
+            for tag in sorted(ranks[worst]["by_tag"][0])
+        },
     }
 
 
 def run_ladder(runner, steps: int, warmup: int) -> list[dict]:
-    rows, overrides = [], []
-    for name, extra in LADDER:
+    ladder, overrides = [], []
+    for _, extra in LADDER:
         overrides = overrides + extra
-        ranks = runner(list(overrides), steps, warmup)
-        rows.append(summarise(name, ranks, steps))
+        ladder.append(list(overrides))
+    by_rank = runner(ladder, steps, warmup)  # [rank][row]
+    rows = []
+    for i, (name, _) in enumerate(LADDER):
+        rows.append(summarise(name, [r[i] for r in by_rank], steps))
         r = rows[-1]
         print(f"  {name:<22} step {r['step_s'] * 1e3:7.1f} ms, "
               f"exposed {r['exposed_s'] * 1e3:6.1f} ms, overlap {100 * r['overlap_ratio']:4.1f} %",
@@ -127,6 +159,14 @@ def run_ladder(runner, steps: int, warmup: int) -> list[dict]:
         r["step_ratio"] = r["step_s"] / base
         r["throughput"] = base / r["step_s"]
     return rows
+
+
+OVERLAP_STEPS = (2, 3)  # rows that add overlap: inter-op (index 2), intra-op chunks (3)
+
+
+def exposed_falls(rows: list[dict]) -> dict[str, bool]:
+    """Whether exposed communication fell at each overlap step of the ladder."""
+    return {rows[i]["row"]: rows[i]["exposed_s"] < rows[i - 1]["exposed_s"] for i in OVERLAP_STEPS}
 
 
 def plot(results: dict, path: str) -> None:
@@ -168,7 +208,7 @@ def main() -> None:
     results = {}
     print("loopback:", flush=True)
     results["loopback"] = run_ladder(
-        lambda o, s, w: run_local(4, worker, o, s, w, threads=1), a.steps, a.warmup
+        lambda ladder, s, w: run_local(4, worker, ladder, s, w, threads=1), a.steps, a.warmup
     )
     out = {"model": MODEL, "ranks": 4, "steps": a.steps, "paper_throughput": PAPER}
     if not a.no_fabric:
@@ -184,9 +224,9 @@ def main() -> None:
         print(f"fabric: {mbit:.0f} Mbit/s per rank link", flush=True)
         with Fabric(nodes=1, ranks_per_node=4, intra_mbit=mbit, inter_mbit=mbit) as fab:
 
-            def on_fabric(o, s, w):
+            def on_fabric(ladder, s, w):
                 return fab.run(
-                    "bench.ablation:worker", 4, {"overrides": o, "steps": s, "warmup": w}
+                    "bench.ablation:worker", 4, {"ladder": ladder, "steps": s, "warmup": w}
                 )
 
             results["fabric"] = run_ladder(on_fabric, a.steps, a.warmup)
@@ -196,6 +236,7 @@ def main() -> None:
         # What the network itself adds to row 1: the auto rate aims this at ~40 %.
         out["fabric_row1_network_share"] = 1 - results["loopback"][0]["step_s"] / row1["step_s"]
     out["results"] = results
+    out["exposed_falls"] = {net: exposed_falls(rows) for net, rows in results.items()}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
     if a.png:

@@ -3,7 +3,8 @@
 Per collective kind (all_to_all, all_gather, reduce_scatter, all_reduce,
 send_recv) the recorder counts calls, bytes, wall seconds and exposed seconds,
 and per ``tag`` (what the data is: "attn_qkv", "ep_dispatch", "grad_sync", ...)
-it counts bytes, so tests can hold each operator to its closed-form volume.
+it counts bytes, so tests can hold each operator to its closed-form volume,
+and exposed seconds, so benchmarks can say which operator's traffic shows.
 
 Bytes are what this rank puts on its links, the convention of PAPER.md's
 volumes: an all-to-all counts the rows sent to other ranks (not the part that
@@ -42,6 +43,7 @@ class KindStats:
 class CommStats:
     kinds: dict[str, KindStats] = field(default_factory=lambda: defaultdict(KindStats))
     tags: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    tag_exposed: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     nonfinite: int = 0  # non-finite values met by the FP8 codec
 
     def totals(self) -> tuple[float, float]:
@@ -68,8 +70,9 @@ class CommStats:
 class Pending:
     """An in-flight collective; ``wait()`` blocks and books the exposed time."""
 
-    def __init__(self, comm: Comm, kind: str, work, start: float, finish=None) -> None:
+    def __init__(self, comm: Comm, kind: str, work, start: float, finish=None, tag="") -> None:
         self.comm, self.kind, self.work, self.start, self.finish = comm, kind, work, start, finish
+        self.tag = tag
         self._done, self._result = False, None
 
     def wait(self):
@@ -83,6 +86,7 @@ class Pending:
         done = time.perf_counter()
         stats = self.comm.stats.kinds[self.kind]
         stats.exposed_seconds += done - blocked
+        self.comm.stats.tag_exposed[self.tag] += done - blocked
         stats.seconds += done - self.start
         self._done, self._result = True, self.finish() if self.finish else None
         return self._result
@@ -139,8 +143,8 @@ class Comm:
         self.stats.tags[tag] += nbytes
         return time.perf_counter()
 
-    def _run(self, kind, start, work, async_op, finish=None):
-        pending = Pending(self, kind, work, start, finish)
+    def _run(self, kind, start, work, async_op, finish=None, tag=""):
+        pending = Pending(self, kind, work, start, finish, tag)
         return pending if async_op else pending.wait()
 
     def all_to_all(
@@ -171,21 +175,21 @@ class Comm:
         work = dist.all_to_all_single(
             wire_out, wire_in, out_splits, in_splits, group=self.group, async_op=async_op
         )
-        return self._run("all_to_all", start, work, async_op, finish=lambda: out)
+        return self._run("all_to_all", start, work, async_op, finish=lambda: out, tag=tag)
 
     def all_gather(self, inp: torch.Tensor, tag: str, async_op: bool = False):
         """Concatenate every rank's ``inp`` along dim 0 (rank order)."""
         out = inp.new_empty((inp.shape[0] * self.size, *inp.shape[1:]))
         start = self._book("all_gather", tag, _nbytes(inp) * (self.size - 1))
         work = _ALL_GATHER(_wire(out), _wire(inp.contiguous()), group=self.group, async_op=async_op)
-        return self._run("all_gather", start, work, async_op, finish=lambda: out)
+        return self._run("all_gather", start, work, async_op, finish=lambda: out, tag=tag)
 
     def reduce_scatter(self, inp: torch.Tensor, tag: str, async_op: bool = False):
         """Sum over ranks, rank r keeps rows [r * rows / n, (r + 1) * rows / n)."""
         out = inp.new_empty((inp.shape[0] // self.size, *inp.shape[1:]))
         start = self._book("reduce_scatter", tag, _nbytes(out) * (self.size - 1))
         work = _REDUCE_SCATTER(out, inp.contiguous(), group=self.group, async_op=async_op)
-        return self._run("reduce_scatter", start, work, async_op, finish=lambda: out)
+        return self._run("reduce_scatter", start, work, async_op, finish=lambda: out, tag=tag)
 
     def all_reduce(self, tensor: torch.Tensor, tag: str, async_op: bool = False, op=None):
         """In-place reduction over ranks (sum unless ``op``); returns the tensor."""
@@ -193,21 +197,21 @@ class Comm:
         start = self._book("all_reduce", tag, nbytes)
         op = dist.ReduceOp.SUM if op is None else op
         work = dist.all_reduce(tensor, op=op, group=self.group, async_op=async_op)
-        return self._run("all_reduce", start, work, async_op, finish=lambda: tensor)
+        return self._run("all_reduce", start, work, async_op, finish=lambda: tensor, tag=tag)
 
     def send(self, tensor: torch.Tensor, dst: int, tag: str) -> Pending:
         """Asynchronous point-to-point send to global rank ``dst``; wait() before reuse."""
         tensor = tensor.contiguous()
         start = self._book("send_recv", tag, _nbytes(tensor))
         work = dist.isend(_wire(tensor), dst)
-        return Pending(self, "send_recv", work, start, finish=lambda: tensor)
+        return Pending(self, "send_recv", work, start, finish=lambda: tensor, tag=tag)
 
     def recv(self, shape, dtype: torch.dtype, src: int, tag: str) -> torch.Tensor:
         """Blocking point-to-point receive from global rank ``src`` (all of it exposed)."""
         out = torch.empty(shape, dtype=dtype, device=self.device)
         start = self._book("send_recv", tag, 0)  # bytes are booked by the sender
         dist.recv(_wire(out), src)
-        return self._run("send_recv", start, None, False, finish=lambda: out)
+        return self._run("send_recv", start, None, False, finish=lambda: out, tag=tag)
 
 
 def _wire(t: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from trainer.model.router import capacity_keep, group_capacity
 from trainer.parallel.comm import Joined, Ready
 from trainer.parallel.fp8comm import all_gather_fp8, all_to_all_fp8, reduce_scatter_fp8
 from trainer.parallel.ops import expert_bwd_data, swiglu_act, swiglu_fwd
-from trainer.parallel.pairs import ag_grouped_gemm_rs, ag_grouped_gemm_rs_bwd, issuer
+from trainer.parallel.pairs import Ahead, ag_grouped_gemm_rs, ag_grouped_gemm_rs_bwd, issuer
 
 # ---------------------------------------------------------------- router
 
@@ -152,6 +152,8 @@ def a2a_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved, side=None):
     Pieces are runs of local tokens. With K > 1 the two ep_a2a pairs (dispatch +
     grouped GEMM, grouped GEMM + combine) pipeline: piece c + 1 is dispatched
     while piece c's experts compute, and piece c is combined while c + 1's do.
+    The routing metadata of all pieces travels first, in one all-to-all: the
+    receiver's capacity decision needs every assignment to its device group.
     Overlap: ``side()`` (the shared expert) runs while the tokens are dispatched.
     """
     T_l, k = ids.shape
@@ -165,19 +167,22 @@ def a2a_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved, side=None):
     send_counts = counts_KE.view(K, n, El).transpose(0, 1).reshape(n, K * El)
     recv_counts = ctx.comm.all_to_all(send_counts, None, None, "ep_counts").view(n, K, El)
     token_of = slot_order // k
+    pieces = _pieces(counts_KE.view(K, n, El).sum(-1), recv_counts, slot_order)
     # float64 carries the global slot index exactly (float32 would stop at 2**24).
     slots = ctx.global_slots(T_l, k).to(device=x2.device, dtype=torch.float64)
     meta = torch.stack([gates.reshape(-1).double(), scores.reshape(-1).double(), slots], dim=1)
-    pieces = _pieces(counts_KE.view(K, n, El).sum(-1), recv_counts, slot_order)
-    meta = meta[slot_order]
-    metas = [issue(ctx.comm.all_to_all, meta[p["send"]], *p["splits"], "ep_meta") for p in pieces]
-    xs = [_dispatch(ctx, issue, x2[token_of[p["send"]]], p["splits"]) for p in pieces]
+    send_major = _rank_major(counts_KE.view(K, n, El).sum(-1).T)  # piece-major <-> rank-major
+    recv_major = _rank_major(recv_counts.sum(-1))
+    meta_send = _to_rank_major(meta[slot_order], send_major)
+    meta_handle = issue(ctx.comm.all_to_all, meta_send, *_totals(pieces), "ep_meta")
+    xs = Ahead(lambda c: _dispatch(ctx, issue, x2[token_of[pieces[c]["send"]]],
+                                   pieces[c]["splits"]), K)  # fmt: skip
     side_out = side() if side else None
-    recv_meta = torch.cat([m.wait() for m in metas])
+    recv_meta = meta_handle.wait()[recv_major]  # piece-major, like the pieces' rows
     # Capacity needs every assignment to this device group: decided once, over all pieces.
     keep = _receiver_keep(ctx, recv_meta, T_l * n, k).split([p["rows"] for p in pieces])
     backs, fc1s, fc3s, gss, counts = [], [], [], [], [0] * El
-    for c, (p, x_handle) in enumerate(zip(pieces, xs, strict=True)):
+    for c, p in enumerate(pieces):
         local_e = torch.arange(El, device=x2.device).repeat(n)
         local_e = local_e.repeat_interleave(recv_counts[:, c].flatten())
         kept = keep[c].nonzero().squeeze(-1)
@@ -187,7 +192,7 @@ def a2a_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved, side=None):
         counts = [a + b for a, b in zip(counts, piece_counts, strict=True)]
         recv_meta_c = recv_meta[p["offset"] : p["offset"] + p["rows"]]
         gs = recv_meta_c[p["perm"], 0].float()
-        recv_x = x_handle.wait()
+        recv_x = xs.wait(c)
         ys, fc1, fc3 = grouped_fwd(recv_x[p["perm"]], gs, p["segments"], w1, w3, w2, ctx.fp8)
         y_recv = ys.new_zeros(recv_x.shape).index_copy(0, p["perm"], ys)
         backs.append(_dispatch(ctx, issue, y_recv, p["splits"][::-1], "ep_combine"))
@@ -196,7 +201,7 @@ def a2a_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved, side=None):
         gss.append(gs)
     saved.update(
         fc1=torch.cat(fc1s), fc3=torch.cat(fc3s), slot_order=slot_order, token_of=token_of,
-        pieces=pieces, gs=torch.cat(gss),
+        pieces=pieces, gs=torch.cat(gss), send_major=send_major, recv_major=recv_major,
     )  # fmt: skip
     saved["dropped"] = sum(p["rows"] - p["perm"].numel() for p in pieces)
     saved["expert_counts"] = counts
@@ -225,6 +230,33 @@ def _pieces(send_KN, recv_NKE, slot_order):
     return pieces
 
 
+def _totals(pieces):
+    """Splits of one all-to-all carrying every piece's rows."""
+    ins = [sum(col) for col in zip(*(p["splits"][0] for p in pieces), strict=True)]
+    outs = [sum(col) for col in zip(*(p["splits"][1] for p in pieces), strict=True)]
+    return ins, outs
+
+
+def _rank_major(counts_NK: torch.Tensor) -> torch.Tensor:
+    """Index that reads rank-major rows (rank, then piece) in piece-major order.
+
+    ``counts_NK[r, c]``: rows of piece c exchanged with rank r. One all-to-all over all
+    pieces is rank-major on both sides; the pieces' own all-to-alls are piece-major.
+    """
+    n, K = counts_NK.shape
+    flat = counts_NK.flatten()
+    starts = torch.cumsum(flat, 0) - flat  # rank-major block offsets
+    blocks = [torch.arange(int(starts[r * K + c]), int(starts[r * K + c] + flat[r * K + c]))
+              for c in range(K) for r in range(n)]  # fmt: skip
+    return torch.cat(blocks).to(counts_NK.device)
+
+
+def _to_rank_major(rows_piece_major: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(rows_piece_major)
+    out[index] = rows_piece_major
+    return out
+
+
 def _gather_slots(rows_AH, slot_order, T_l, k):
     """Rows in dispatch order -> [T_l, H]: back through the row mapping, summed over slots."""
     out = rows_AH.new_zeros(T_l * k, rows_AH.shape[-1]).index_copy(0, slot_order, rows_AH)
@@ -247,40 +279,45 @@ def _receiver_keep(ctx, recv_meta, tokens, k):
 def a2a_backward(ctx, d_out, recompute_x2, w1, w3, w2, saved, side=None):
     """The forward's pieces in reverse roles. Overlap: the norm is recomputed and the
     inputs re-dispatched while d(out) is dispatched; ``side()`` runs beside both; each
-    piece's dx is combined while its dW1/dW3 and the next piece's data gradients run."""
+    piece's dx is combined while its dW1/dW3 and the next piece's data gradients run;
+    the gate gradients of all pieces go back in one all-to-all at the end."""
     s = saved
     T_l, H = d_out.shape
     k = ctx.topk
     issue = issuer(ctx)
     pieces, token_of = s["pieces"], s["token_of"]
-    ds = [issue(ctx.comm.all_to_all, d_out[token_of[p["send"]]], *p["splits"], "ep_dispatch")
-          for p in pieces]  # fmt: skip
+
+    def dispatch(rows):
+        return lambda c: issue(ctx.comm.all_to_all, rows[token_of[pieces[c]["send"]]],
+                               *pieces[c]["splits"], "ep_dispatch")  # fmt: skip
+
+    ds = Ahead(dispatch(d_out), len(pieces))
     x2 = recompute_x2()
-    xs = [issue(ctx.comm.all_to_all, x2[token_of[p["send"]]], *p["splits"], "ep_dispatch")
-          for p in pieces]  # fmt: skip
+    xs = Ahead(dispatch(x2), len(pieces))
     side_out = side(x2) if side else None
     dw1, dw3, dw2 = torch.zeros_like(w1), torch.zeros_like(w1), torch.zeros_like(w2)
-    backs, g_backs, row = [], [], 0
-    for p, d_handle, x_handle in zip(pieces, ds, xs, strict=True):
+    backs, dgs_all, row = [], [], 0
+    for c, p in enumerate(pieces):
         perm, segments = p["perm"], p["segments"]
         rows = slice(row, row + perm.numel())
         row = rows.stop
         dxs, dgs, dw2_p, dfc1, dfc3 = grouped_bwd_data(
-            d_handle.wait()[perm], s["gs"][rows], segments, s["fc1"][rows], s["fc3"][rows],
+            ds.wait(c)[perm], s["gs"][rows], segments, s["fc1"][rows], s["fc3"][rows],
             w1, w3, w2, ctx.fp8,
         )  # fmt: skip
         dw2 += dw2_p
         d_recv_x = dxs.new_zeros(p["rows"], H).index_copy(0, perm, dxs)
-        back_splits = p["splits"][::-1]
-        backs.append(issue(ctx.comm.all_to_all, d_recv_x, *back_splits, "ep_combine"))
-        d_g_recv = dgs.new_zeros(p["rows"]).index_copy(0, perm, dgs).double()
-        g_backs.append(issue(ctx.comm.all_to_all, d_g_recv, *back_splits, "ep_meta"))
-        dw1_p, dw3_p = grouped_bwd_weights(x_handle.wait()[perm], segments, dfc1, dfc3, w1)
+        backs.append(issue(ctx.comm.all_to_all, d_recv_x, *p["splits"][::-1], "ep_combine"))
+        dgs_all.append(dgs.new_zeros(p["rows"]).index_copy(0, perm, dgs).double())
+        dw1_p, dw3_p = grouped_bwd_weights(xs.wait(c)[perm], segments, dfc1, dfc3, w1)
         dw1 += dw1_p
         dw3 += dw3_p
+    fwd_in, fwd_out = _totals(pieces)
+    d_g_recv = _to_rank_major(torch.cat(dgs_all), s["recv_major"])
+    g_back = issue(ctx.comm.all_to_all, d_g_recv, fwd_out, fwd_in, "ep_meta")
     back = torch.cat([b.wait() for b in backs]).to(d_out.dtype)
     d_x2 = d_out.new_zeros(T_l, H).index_add(0, token_of, back)
-    d_g_send = torch.cat([g.wait() for g in g_backs])
+    d_g_send = g_back.wait()[s["send_major"]]  # piece-major: the order of slot_order
     d_gates = d_g_send.new_zeros(T_l * k).index_copy(0, s["slot_order"], d_g_send)
     return d_x2, d_gates.view(T_l, k).float(), (dw1, dw3, dw2), x2, side_out
 

@@ -50,6 +50,26 @@ from trainer.parallel.comm import Joined
 from trainer.parallel.ops import rope
 
 
+class Ahead:
+    """A chunked collective issued one piece ahead: piece c + 1 starts when piece c is waited.
+
+    Issuing every piece at once would let them share the link (gloo runs async work
+    on two threads), so piece 0 would arrive no sooner than the whole; one ahead, each
+    piece has the link to itself while the previous piece computes - the order a GPU
+    communication stream gives for free.
+    """
+
+    def __init__(self, start, count: int) -> None:
+        self.start, self.count = start, count
+        self.handles = {0: start(0)} if count else {}
+
+    def wait(self, c: int):
+        result = self.handles.pop(c).wait()
+        if c + 1 < self.count:
+            self.handles[c + 1] = self.start(c + 1)
+        return result
+
+
 def issuer(ctx):
     """How a pair starts a collective: asynchronous when chunked, else as ``comm.overlap`` says."""
     if ctx.chunks > 1:
@@ -96,13 +116,14 @@ def a2a_out_gemm(ctx, out_BNSD, wo, chunks: int) -> torch.Tensor:
     L = S // n
     Lc = L // chunks
     o = out_BNSD.transpose(1, 2).reshape(B, n, L, nl, D)
-    pending = []
-    for c in range(chunks):
+
+    def start(c):
         send = o[:, :, c * Lc : (c + 1) * Lc].transpose(0, 1).reshape(n * B * Lc, nl * D)
-        pending.append(ctx.comm.all_to_all(send, None, None, "attn_out", async_op=True))
-    pieces = []
-    for handle in pending:
-        recv = handle.wait().view(n, B, Lc, nl, D).permute(1, 2, 0, 3, 4).reshape(B, Lc, -1)
+        return ctx.comm.all_to_all(send, None, None, "attn_out", async_op=True)
+
+    pending, pieces = Ahead(start, chunks), []
+    for c in range(chunks):
+        recv = pending.wait(c).view(n, B, Lc, nl, D).permute(1, 2, 0, 3, 4).reshape(B, Lc, -1)
         pieces.append(recv @ wo.T)
     return torch.cat(pieces, dim=1)
 
@@ -119,19 +140,18 @@ def ag_grouped_gemm_rs(ctx, x2, mine, gs_all, ids_all, first, w1, w3, w2, chunks
 
     T_l, H = x2.shape
     n, k, Tc = ctx.n, ctx.topk, T_l // chunks
-    gathers = [
-        ctx.comm.all_gather(x2[c * Tc : (c + 1) * Tc], "ffn_ag", async_op=True)
-        for c in range(chunks)
-    ]
+    gathers = Ahead(
+        lambda c: ctx.comm.all_gather(x2[c * Tc : (c + 1) * Tc], "ffn_ag", async_op=True), chunks
+    )
     flat_ids, flat_gs = ids_all.reshape(-1), gs_all.reshape(-1)
     outs, sel, toks, gates, segs, fc1s, fc3s, piece_rows = [], [], [], [], [], [], [], []
-    for c, handle in enumerate(gathers):
+    for c in range(chunks):
         rows = (torch.arange(n)[:, None] * T_l + c * Tc + torch.arange(Tc)[None, :]).reshape(-1)
         slots = mine[rows].reshape(-1).nonzero().squeeze(-1)  # within-piece (row, slot)
         slots = slots[torch.sort(flat_ids[(rows[slots // k] * k + slots % k)], stable=True).indices]
         global_slots = rows[slots // k] * k + slots % k
         counts = torch.bincount(flat_ids[global_slots] - first, minlength=w1.shape[0]).tolist()
-        x_c = handle.wait()
+        x_c = gathers.wait(c)
         g_c = flat_gs[global_slots]
         ys, fc1, fc3 = grouped_fwd(x_c[slots // k], g_c, list(enumerate(counts)), w1, w3, w2,
                                    ctx.fp8)  # fmt: skip
@@ -189,16 +209,18 @@ def a2a_qkv_bwd(ctx, d_BSXD, ln1_fn, wqkv, positions, chunks: int):
     nl, gl = ctx.heads // n, ctx.kv_heads // n
     issue = issuer(ctx)
     per_rank = d_BSXD.view(B, n, L, X, D)
-    pending = []
-    for c in range(chunks):
+
+    def start(c):
         send = per_rank[:, :, c * Lc : (c + 1) * Lc].transpose(0, 1).reshape(n * B * Lc, X * D)
-        pending.append(issue(ctx.comm.all_to_all, send, None, None, "attn_qkv"))
+        return issue(ctx.comm.all_to_all, send, None, None, "attn_qkv")
+
+    pending = Ahead(start, chunks)
     ln1 = ln1_fn()
     d_ln1 = torch.empty_like(ln1)
     d_wqkv = torch.zeros_like(wqkv)
-    for c, handle in enumerate(pending):
+    for c in range(chunks):
         piece = slice(c * Lc, (c + 1) * Lc)
-        dq, dk, dv = handle.wait().view(n, B, Lc, X, D).split([nl, gl, gl], dim=3)
+        dq, dk, dv = pending.wait(c).view(n, B, Lc, X, D).split([nl, gl, gl], dim=3)
         pos = positions[piece]
 
         def heads(t):  # [n, B, Lc, x, D] -> [B, Lc, n x, D]: global head order
@@ -223,13 +245,13 @@ def ag_grouped_gemm_rs_bwd(ctx, d_out, recompute_x2, w1, w3, w2, saved, side=Non
     n, k, K = ctx.n, ctx.topk, ctx.chunks
     Tc = T_l // K
     if ctx.fp8:
-        ds = [all_gather_fp8(ctx, d_out[c * Tc : (c + 1) * Tc], "ffn_ag") for c in range(K)]
+        ds = Ahead(lambda c: all_gather_fp8(ctx, d_out[c * Tc : (c + 1) * Tc], "ffn_ag"), K)
     else:
-        ds = [ctx.comm.all_gather(d_out[c * Tc : (c + 1) * Tc], "ffn_ag", async_op=True)
-              for c in range(K)]  # fmt: skip
+        ds = Ahead(lambda c: ctx.comm.all_gather(d_out[c * Tc : (c + 1) * Tc], "ffn_ag",
+                                                 async_op=True), K)  # fmt: skip
     x2 = recompute_x2()
-    xs = [ctx.comm.all_gather(x2[c * Tc : (c + 1) * Tc], "ffn_ag", async_op=True)
-          for c in range(K)]  # fmt: skip
+    xs = Ahead(lambda c: ctx.comm.all_gather(x2[c * Tc : (c + 1) * Tc], "ffn_ag", async_op=True),
+               K)  # fmt: skip
     side_out = side(x2) if side else None
     dw1, dw3, dw2 = torch.zeros_like(w1), torch.zeros_like(w1), torch.zeros_like(w2)
     rss, g_rss, row, El = [], [], 0, w1.shape[0]
@@ -240,7 +262,7 @@ def ag_grouped_gemm_rs_bwd(ctx, d_out, recompute_x2, w1, w3, w2, saved, side=Non
         tokens = s["tokens"][rows]  # rows of the whole gathered batch -> rows of piece c
         local = (tokens // T_l) * Tc + tokens % T_l - c * Tc
         dxs, dgs, dw2_c, dfc1, dfc3 = grouped_bwd_data(
-            ds[c].wait()[local], s["gs"][rows], segments, s["fc1"][rows], s["fc3"][rows],
+            ds.wait(c)[local], s["gs"][rows], segments, s["fc1"][rows], s["fc3"][rows],
             w1, w3, w2, ctx.fp8,
         )  # fmt: skip
         dw2 += dw2_c
@@ -249,7 +271,7 @@ def ag_grouped_gemm_rs_bwd(ctx, d_out, recompute_x2, w1, w3, w2, saved, side=Non
         d_g = dgs.new_zeros(n * Tc * k).index_copy(0, local * k + s["slot_sel"][rows] % k, dgs)
         g_rss.append(ctx.comm.reduce_scatter(d_g.view(n * Tc, k).float(), "routing",
                                              async_op=True))  # fmt: skip
-        dw1_c, dw3_c = grouped_bwd_weights(xs[c].wait()[local], segments, dfc1, dfc3, w1)
+        dw1_c, dw3_c = grouped_bwd_weights(xs.wait(c)[local], segments, dfc1, dfc3, w1)
         dw1 += dw1_c
         dw3 += dw3_c
     d_x2 = torch.cat([h.wait() for h in rss])

@@ -40,9 +40,9 @@ the schedule; only the rest (waiting for a slower wire) can hide.
 
 ``Layout.implementation`` picks between the ideal the paper describes (fused
 kernels: every collective pipelined, FP8 on all of them, metadata travelling
-with the data) and what ``trainer.parallel`` does (chunks on the forward
-SP-attention and AG/RS pairs only, FP8 on dispatch/combine, forward
-reductions and gradient all-gathers, plus the separate calls for q vs k/v,
+with the data) and what ``trainer.parallel`` does (chunks on the SP-attention
+and FFN pairs, forward and backward, not on the TP-attention baseline; FP8 on
+dispatch/combine, forward reductions and gradient all-gathers, plus the separate calls for q vs k/v,
 routing metadata and FP8 scales; see :func:`_trainer_calls`). Where the FP8
 codec runs as separate kernels (``Hardware.fp8_codec_rate``) its encode and
 decode are compute.
@@ -236,8 +236,16 @@ def collective_seconds(kind: str, nbytes: float, hw: Hardware) -> float:
 TRAINER_FP8 = frozenset(
     ("ep_dispatch", "ep_combine", "attn_rs", "ffn_rs", "attn_rs_grad", "ffn_rs_grad")
 )
-# The pairs the trainer's ``comm.chunks`` pipelines (trainer.parallel.pairs): forward only.
-TRAINER_CHUNKED = frozenset(("attn_qkv", "attn_out", "ffn_ag", "ffn_rs"))
+# The pairs the trainer's ``comm.chunks`` pipelines (trainer.parallel.pairs, moe): every
+# SP-attention and FFN pair, forward and backward, and the FFN's re-sent inputs. Not
+# chunked: the TP-attention baseline's collectives and the SP output's re-sent all-to-all.
+TRAINER_CHUNKED = frozenset(
+    (
+        "attn_qkv", "attn_out", "attn_out_grad", "attn_qkv_grad",
+        "ep_dispatch", "ep_combine", "ep_combine_grad", "ep_dispatch_grad", "ep_dispatch_again",
+        "ffn_ag", "ffn_rs", "ffn_rs_grad", "ffn_ag_grad", "ffn_ag_again",
+    )
+)  # fmt: skip
 
 
 def _fp8(name: str, layout: Layout) -> bool:
