@@ -65,8 +65,8 @@ def probe_one_rank(steps: int = 7, warmup: int = 2) -> float:
     from bench.ablation import worker
     from trainer.parallel.launch import run_local
 
-    (rank0,) = run_local(1, worker, ONE_RANK, steps, warmup, threads=1)
-    return statistics.median(rank0["times"])
+    (rank0,) = run_local(1, worker, [ONE_RANK], steps, warmup, threads=1)
+    return statistics.median(rank0[0]["times"])  # its one row
 
 
 def probe(ranks: tuple[int, ...] = (2, 4)) -> dict[str, Any]:

@@ -268,6 +268,8 @@ def run(cfg: Config, w: Worker, summary_path: str | None, out: TextIO) -> dict[s
                 result.comm_s, result.exposed_s,
             )
         )  # fmt: skip
+    if hasattr(optimizer, "wait_params"):
+        optimizer.wait_params()  # the last step's prefetched parameter gathers
     stats = w.comms.world.stats if w.comms else None
     summary = log.summary(
         wall_s=time.perf_counter() - wall_start,
@@ -279,6 +281,7 @@ def run(cfg: Config, w: Worker, summary_path: str | None, out: TextIO) -> dict[s
         overlap_ratio=stats.overlap_ratio() if stats else None,
         comm_per_step=stats.per_step(cfg.train.steps) if stats else {},
         comm_bytes_by_tag=dict(sorted(stats.tags.items())) if stats else {},
+        comm_exposed_s_by_tag=dict(sorted(stats.tag_exposed.items())) if stats else {},
         device=str(w.device),
         dtype=cfg.train.dtype,
         data={"path": cfg.data.path, "tokens": data.num_tokens, "tokenizer": data.tokenizer_name},

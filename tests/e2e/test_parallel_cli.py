@@ -123,9 +123,10 @@ def test_optimizer_state_per_rank_shrinks_as_one_over_dp(dp_runs):
     "nproc,layout",
     [
         (4, ("parallel.n=2", "parallel.pp=2")),
+        (4, ("parallel.n=2", "parallel.pp=2", "comm.overlap=true", "comm.chunks=2")),
         (8, ("parallel.n=2", "parallel.pp=2", "parallel.dp=2")),
     ],
-    ids=["pp2xn2", "dp2xpp2xn2"],
+    ids=["pp2xn2", "pp2xn2-overlap-chunks", "dp2xpp2xn2"],
 )
 def test_pipelined_layouts_match_the_reference(demo_data, tmp_path, nproc, layout):
     micro = ("train.micro_batch=4",)

@@ -108,7 +108,11 @@ class ZeroOptimizer:
     (the intra-node reduce-scatter, or the DP reduce-scatter) is issued
     asynchronously as soon as backward has finished that bucket's gradients
     in the step's last micro-batch (``arm()``), so it runs beside the
-    backward of the layers before it.
+    backward of the layers before it; and after the update each bucket's
+    parameter all-gather is only started, then waited for by a forward
+    pre-hook just before its block runs in the next step (``wait_params()``
+    completes every gather, e.g. before reading the parameters outside a
+    forward).
     """
 
     def __init__(self, model: nn.Module, t: TrainConfig, n_comm: Comm, dp_comm: Comm,
@@ -138,10 +142,18 @@ class ZeroOptimizer:
         self.param_groups = self.adamw.param_groups
         self.armed = False
         self._waiting: dict[int, int] = {}
+        self._gathering: dict[int, list] = {}  # bucket -> finishers of its parameter gather
         if overlap:
             for g in self.groups:
                 for p in g.params:
                     p.register_post_accumulate_grad_hook(lambda _p, b=g.bucket: self._ready(b))
+            # Prefetch: a block's updated parameters are gathered while the blocks before it
+            # run the next forward; each block waits for its own bucket just before it runs.
+            blocks = list(getattr(model, "blocks", []))
+            for bucket, block in enumerate(reversed(blocks)):
+                block.register_forward_pre_hook(lambda _m, _a, b=bucket: self.wait_params(b))
+            rest = len(blocks)  # the bucket of embedding, final norm and head
+            model.register_forward_pre_hook(lambda _m, _a: self.wait_params(rest))
 
     def arm(self) -> None:
         """The next backward is the step's last: start each bucket's sync when it is done."""
@@ -256,30 +268,51 @@ class ZeroOptimizer:
         self.gather_params()
 
     def gather_params(self) -> None:
-        """All-gather the updated shards back into every replica's parameters."""
-        for g in self.groups:
-            if self._hierarchical(g):
-                self._hierarchical_gather(g)
-                continue
-            shard = g.data[g.shard]
-            if self.dp_comm.size > 1:
-                shard = self.dp_comm.all_gather(shard, "param_ag_dp")
-            if g.replicated and self.n_comm.size > 1:
-                shard = self.n_comm.all_gather(shard, "param_ag_node")
-            if shard.data_ptr() != g.data.data_ptr():
-                g.data.copy_(shard)
+        """All-gather the updated shards back into every replica's parameters.
 
-    def _hierarchical_gather(self, g: FlatGroup) -> None:
-        """Inter-node all-gather, then intra-node, pipelined over the same chunks."""
+        Without overlap this completes here. With overlap each bucket's gather is only
+        started, in the order the next forward needs the buckets (embedding first, then
+        block 0, 1, ...); ``wait_params`` (called by the forward pre-hooks) completes it.
+        """
+        for g in sorted(self.groups, key=lambda g: -g.bucket):
+            finish = self._hierarchical_gather(g) if self._hierarchical(g) else self._gather(g)
+            self._gathering.setdefault(g.bucket, []).append(finish)
+        if not self.overlap:
+            self.wait_params()
+
+    def wait_params(self, bucket: int | None = None) -> None:
+        """Complete the parameter gathers of ``bucket`` (all buckets when None)."""
+        buckets = list(self._gathering) if bucket is None else [bucket]
+        for b in buckets:
+            for finish in self._gathering.pop(b, []):
+                finish()
+
+    def _gather(self, g: FlatGroup):
+        shard = g.data[g.shard]
+        if self.dp_comm.size > 1:  # experts, or replicated parameters on one-rank nodes
+            pending = self.dp_comm.all_gather(shard, "param_ag_dp", async_op=True)
+        elif g.replicated and self.n_comm.size > 1:
+            pending = self.n_comm.all_gather(shard, "param_ag_node", async_op=True)
+        else:
+            return lambda: None
+        return lambda: g.data.copy_(pending.wait())
+
+    def _hierarchical_gather(self, g: FlatGroup):
+        """Inter-node all-gather now, intra-node when finished, pipelined over the chunks."""
         blocks = self._blocks(g.data)
         mine = blocks[self.n_comm.rank, self.dp_comm.rank]  # [K, c]
         inter = [
             self.dp_comm.all_gather(mine[k].clone(), "param_ag_dp", async_op=True)
             for k in range(SYNC_CHUNKS)
         ]
-        intra = [self.n_comm.all_gather(p.wait(), "param_ag_node", async_op=True) for p in inter]
-        for k, pending in enumerate(intra):
-            blocks[:, :, k].copy_(pending.wait().view(self.n_comm.size, self.dp_comm.size, -1))
+
+        def finish():
+            intra = [self.n_comm.all_gather(p.wait(), "param_ag_node", async_op=True)
+                     for p in inter]  # fmt: skip
+            for k, pending in enumerate(intra):
+                blocks[:, :, k].copy_(pending.wait().view(self.n_comm.size, self.dp_comm.size, -1))
+
+        return finish
 
     def state_bytes(self) -> int:
         """Bytes of AdamW state (exp_avg, exp_avg_sq, step) held by this rank."""

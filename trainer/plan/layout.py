@@ -53,8 +53,9 @@ class Layout:
     pp_async: bool = True  # pipeline sends beside compute
     vocab_parallel: bool = False  # embedding / LM head split over n (else replicated, local shard)
     # ideal: the paper's kernels (every collective chunked beside its GEMM, FP8 on all of
-    # them); trainer: what trainer.parallel does (chunks on the forward SP-attention and
-    # AG/RS pairs, FP8 on dispatch/combine, forward reductions and gradient all-gathers)
+    # them); trainer: what trainer.parallel does (chunks on the SP-attention and FFN pairs,
+    # forward and backward; FP8 on dispatch/combine, forward reductions and gradient
+    # all-gathers)
     implementation: str = "ideal"
 
     @property
