@@ -127,6 +127,8 @@ def worker(rank: int, world: int, ladder: list[list[str]], steps: int, warmup: i
                     {t: v - tags0.get(t, 0.0) for t, v in stats.tag_exposed.items()}
                 )
                 out[i]["bytes"] = sum(k.bytes for k in stats.kinds.values()) - bytes0
+    for _, _, _, optimizer in rows:
+        optimizer.wait_params()  # the last step's prefetched gathers, before exiting
     return out
 
 
@@ -154,10 +156,15 @@ def summarise(name: str, ranks: list[dict], steps: int, cores: int) -> dict:
 
 
 def run_ladder(runner, steps: int, warmup: int, extra_model: list[str] = (),
-               rows: int | None = None, quiet: bool = False) -> list[dict]:  # fmt: skip
-    """Run the first ``rows`` rows of the ladder (all by default) interleaved; one dict each."""
+               rows: int | None = None, quiet: bool = False,
+               ffn: str = "ep_a2a") -> list[dict]:  # fmt: skip
+    """Run the first ``rows`` rows of the ladder (all by default) interleaved; one dict each.
+
+    ``ffn``: the expert mode of the sp+ep rows (the paper's ladder runs AG/RS experts).
+    """
     ladder, overrides = [], list(extra_model)
     for _, extra in LADDER[:rows]:
+        extra = [f"parallel.ffn={ffn}" if o == "parallel.ffn=ep_a2a" else o for o in extra]
         overrides = overrides + extra
         ladder.append(list(overrides))
     by_rank = runner(ladder, steps, warmup)  # [rank][row]
@@ -265,6 +272,10 @@ def main() -> None:
         help="change the model for every row (e.g. toy shapes for a smoke run)",
     )
     p.add_argument(
+        "--ffn", default="ep_a2a", choices=["ep_a2a", "ep_agrs"],
+        help="expert mode of the sp+ep rows (default: all-to-all, what auto picks here)",
+    )  # fmt: skip
+    p.add_argument(
         "--replot", action="store_true", help="only redraw --png from the results already in --json"
     )
     a = p.parse_args()
@@ -281,15 +292,17 @@ def main() -> None:
         a.steps,
         a.warmup,
         a.set,
+        ffn=a.ffn,
     )
-    out = {"model": MODEL + a.set, "ranks": 4, "steps": a.steps, "paper_throughput": PAPER}
+    out = {"model": MODEL + a.set, "ffn": a.ffn, "ranks": 4, "steps": a.steps,
+           "paper_throughput": PAPER}  # fmt: skip
     if not a.no_fabric:
         first = results["loopback"][0]
         mbit = float(a.intra_mbit) if a.intra_mbit != "auto" else auto_rate(first, a.set)
         print(f"fabric: {mbit:.0f} Mbit/s per rank link", flush=True)
         with Fabric(nodes=1, ranks_per_node=4, intra_mbit=mbit, inter_mbit=mbit) as fab:
             on_fabric = _on_fabric(fab)
-            results["fabric"] = run_ladder(on_fabric, a.steps, a.warmup, a.set)
+            results["fabric"] = run_ladder(on_fabric, a.steps, a.warmup, a.set, ffn=a.ffn)
         out["fabric_intra_mbit"] = mbit
         row1 = results["fabric"][0]
         out["fabric_row1_comm_share"] = row1["exposed_s"] / row1["step_s"]

@@ -78,9 +78,11 @@ class Pending:
         self.tag = tag
         self._done, self._result = False, None
         self._completed: float | None = None
-        if work is not None and comm.device.type == "cpu":
+        if work is not None and comm.device.type == "cpu" and hasattr(work, "get_future"):
             # gloo completes the future on its own thread: the collective's real end, so a
             # handle waited long after (a prefetch) does not count its idle time as transfer.
+            # Every handle must be waited before the process exits: a callback that fires
+            # during interpreter shutdown aborts the process.
             with contextlib.suppress(RuntimeError):  # no future (reduce-scatter): the wait
                 work.get_future().add_done_callback(self._mark_completed)
 
@@ -212,6 +214,28 @@ class Comm:
         work = dist.all_reduce(tensor, op=op, group=self.group, async_op=async_op)
         return self._run("all_reduce", start, work, async_op, finish=lambda: tensor, tag=tag)
 
+    def exchange(self, send: torch.Tensor, to: int, frm: int, kind: str, tag: str,
+                 channel: int) -> Pending:  # fmt: skip
+        """Send ``send`` to group rank ``to`` while receiving a tensor like it from ``frm``.
+
+        One step of a pairwise schedule (every rank sends to r + j and receives from
+        r - j, or the reverse): the pieces of an all-gather or reduce-scatter that a
+        chunked pair consumes one source rank at a time. Booked under ``kind`` like
+        the collective it is part of; ``channel`` keeps concurrent schedules between
+        the same two ranks apart.
+        """
+        send = send.contiguous()
+        out = torch.empty_like(send)
+        start = self._book(kind, tag, _nbytes(send))
+        glob = dist.get_global_rank
+        # One batch: NCCL would deadlock if both ranks of a pair posted a blocking send
+        # before their receive; batched, the pair's send and receive are issued together.
+        works = dist.batch_isend_irecv([
+            dist.P2POp(dist.isend, _wire(send), glob(self.group, to), self.group, channel),
+            dist.P2POp(dist.irecv, _wire(out), glob(self.group, frm), self.group, channel),
+        ])  # fmt: skip
+        return Pending(self, kind, _AllOf(works), start, finish=lambda: out, tag=tag)
+
     def send(self, tensor: torch.Tensor, dst: int, tag: str) -> Pending:
         """Asynchronous point-to-point send to global rank ``dst``; wait() before reuse."""
         tensor = tensor.contiguous()
@@ -225,6 +249,17 @@ class Comm:
         start = self._book("send_recv", tag, 0)  # bytes are booked by the sender
         dist.recv(_wire(out), src)
         return self._run("send_recv", start, None, False, finish=lambda: out, tag=tag)
+
+
+class _AllOf:
+    """Several work handles that complete together (a send and a receive)."""
+
+    def __init__(self, works) -> None:
+        self.works = works
+
+    def wait(self) -> None:
+        for work in self.works:
+            work.wait()
 
 
 def _wire(t: torch.Tensor) -> torch.Tensor:
