@@ -11,9 +11,9 @@ volumes: an all-to-all counts the rows sent to other ranks (not the part that
 stays local), an all-gather or reduce-scatter over n ranks counts (n - 1) / n
 of the full tensor (what a ring moves per rank), an all-reduce twice that.
 
-Wall seconds run from issue to completion (on CPU the moment gloo finishes the
-work, not when it is waited for, where gloo's work has a future - all but the
-reduce-scatter; otherwise until the wait); exposed seconds are
+Wall seconds run from issue to completion (for asynchronous work the first
+moment it is seen complete - checked at every collective's issue and wait -
+not when it is waited for); exposed seconds are
 the time the compute thread spent blocked waiting. A synchronous call is all exposed; an
 asynchronous one (``async_op=True``) returns a :class:`Pending` whose
 ``wait()`` records only the blocked part, which is how overlap shows up.
@@ -21,7 +21,6 @@ asynchronous one (``async_op=True``) returns a :class:`Pending` whose
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -48,6 +47,17 @@ class CommStats:
     tags: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     tag_exposed: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     nonfinite: int = 0  # non-finite values met by the FP8 codec
+    in_flight: list = field(default_factory=list)  # async handles not yet seen complete
+
+    def poll(self) -> None:
+        """Stamp the in-flight handles that have completed since the last look.
+
+        Called at every collective's issue and wait, so a handle waited long after
+        its work finished (a prefetch) ends its wall time about when it finished,
+        not when it was waited for.
+        """
+        now = time.perf_counter()
+        self.in_flight = [p for p in self.in_flight if not p.poll(now)]
 
     def totals(self) -> tuple[float, float]:
         """(wall seconds, exposed seconds) over every kind."""
@@ -78,21 +88,20 @@ class Pending:
         self.tag = tag
         self._done, self._result = False, None
         self._completed: float | None = None
-        if work is not None and comm.device.type == "cpu" and hasattr(work, "get_future"):
-            # gloo completes the future on its own thread: the collective's real end, so a
-            # handle waited long after (a prefetch) does not count its idle time as transfer.
-            # Every handle must be waited before the process exits: a callback that fires
-            # during interpreter shutdown aborts the process.
-            with contextlib.suppress(RuntimeError):  # no future (reduce-scatter): the wait
-                work.get_future().add_done_callback(self._mark_completed)
+        if work is not None and hasattr(work, "is_completed"):
+            comm.stats.in_flight.append(self)
 
-    def _mark_completed(self, _future) -> None:
-        self._completed = time.perf_counter()
+    def poll(self, now: float) -> bool:
+        """Note the completion time if the work has finished; True once it has."""
+        if self._completed is None and self.work.is_completed():
+            self._completed = now
+        return self._completed is not None
 
     def wait(self):
         """Block until done (booked once; later calls return the same result)."""
         if self._done:
             return self._result
+        self.comm.stats.poll()
         # A synchronous call blocked the compute thread from its issue on.
         blocked = time.perf_counter() if self.work is not None else self.start
         if self.work is not None:
@@ -152,6 +161,7 @@ class Comm:
         self.stats = stats if stats is not None else CommStats()  # shared by a rank's Comms
 
     def _book(self, kind: str, tag: str, nbytes: int) -> float:
+        self.stats.poll()
         s = self.stats.kinds[kind]
         s.calls += 1
         s.bytes += nbytes
@@ -214,28 +224,6 @@ class Comm:
         work = dist.all_reduce(tensor, op=op, group=self.group, async_op=async_op)
         return self._run("all_reduce", start, work, async_op, finish=lambda: tensor, tag=tag)
 
-    def exchange(self, send: torch.Tensor, to: int, frm: int, kind: str, tag: str,
-                 channel: int) -> Pending:  # fmt: skip
-        """Send ``send`` to group rank ``to`` while receiving a tensor like it from ``frm``.
-
-        One step of a pairwise schedule (every rank sends to r + j and receives from
-        r - j, or the reverse): the pieces of an all-gather or reduce-scatter that a
-        chunked pair consumes one source rank at a time. Booked under ``kind`` like
-        the collective it is part of; ``channel`` keeps concurrent schedules between
-        the same two ranks apart.
-        """
-        send = send.contiguous()
-        out = torch.empty_like(send)
-        start = self._book(kind, tag, _nbytes(send))
-        glob = dist.get_global_rank
-        # One batch: NCCL would deadlock if both ranks of a pair posted a blocking send
-        # before their receive; batched, the pair's send and receive are issued together.
-        works = dist.batch_isend_irecv([
-            dist.P2POp(dist.isend, _wire(send), glob(self.group, to), self.group, channel),
-            dist.P2POp(dist.irecv, _wire(out), glob(self.group, frm), self.group, channel),
-        ])  # fmt: skip
-        return Pending(self, kind, _AllOf(works), start, finish=lambda: out, tag=tag)
-
     def send(self, tensor: torch.Tensor, dst: int, tag: str) -> Pending:
         """Asynchronous point-to-point send to global rank ``dst``; wait() before reuse."""
         tensor = tensor.contiguous()
@@ -249,17 +237,6 @@ class Comm:
         start = self._book("send_recv", tag, 0)  # bytes are booked by the sender
         dist.recv(_wire(out), src)
         return self._run("send_recv", start, None, False, finish=lambda: out, tag=tag)
-
-
-class _AllOf:
-    """Several work handles that complete together (a send and a receive)."""
-
-    def __init__(self, works) -> None:
-        self.works = works
-
-    def wait(self) -> None:
-        for work in self.works:
-            work.wait()
 
 
 def _wire(t: torch.Tensor) -> torch.Tensor:

@@ -12,14 +12,12 @@ A fused implementation replaces a function's body, not the schedule.
   all-to-all to head-sharded layout, while piece c + 1's GEMM runs.
 * ``a2a_out_gemm``: the attention output's all-to-all back in pieces of each
   destination's local sequence; W_o runs on piece c while c + 1 travels.
-* ``ag_grouped_gemm_rs``: the two FFN pairs (AG + scatter + grouped GEMM,
-  grouped GEMM + gather + RS) chained, in pieces ordered by source rank (own
-  tokens first, then rank r + 1, r + 2, ..., each in K slices): the all-gather
-  becomes pairwise exchanges (step j receives rank r + j's slice), so the first
-  pieces need no communication at all and every piece depends on one source
-  rank, as the paper's tiles do; rows inside a piece are sorted by expert. Each
-  piece's partial output goes home (the pairwise form of the reduce-scatter,
-  summed in FP32 by the owner) while the next piece computes.
+* ``ag_grouped_gemm_rs``: the all-gather of token piece c (from every rank),
+  scatter to local experts, grouped FC1/FC3/FC2 GEMMs (rows sorted by expert,
+  then by source rank), fill & gather, and the reduce-scatter of piece c -
+  the two FFN pairs (AG + scatter + grouped GEMM, grouped GEMM + gather + RS)
+  chained, so piece c + 1 is gathered while c computes and c is reduced while
+  c + 1 computes.
 
 Backward runs the duals, in the same pieces, for any K (K = 1 is the unchunked
 schedule):
@@ -30,10 +28,10 @@ schedule):
 * ``a2a_qkv_bwd``: d(qkv) back to sequence-sharded in pieces of each
   destination's local sequence; RoPE backward and the QKV data and weight
   GEMMs run on piece c while c + 1 travels.
-* ``ag_grouped_gemm_rs_bwd``: the FFN pairs' duals in the forward's pieces:
-  d(out) and the re-gathered inputs of piece j + 1 arrive while piece j's
-  FC2/SwiGLU/FC1/FC3 data gradients run; piece j's dx and gate gradients go
-  home while its dW1/dW3 and the next piece run.
+* ``ag_grouped_gemm_rs_bwd``: the FFN pairs' duals in the forward's token
+  pieces: d(out) of piece c is all-gathered while c - 1's FC2/SwiGLU/FC1/FC3
+  data gradients run; its dx is reduce-scattered while its dW1/dW3 and the
+  next piece run.
 * The ep_a2a pairs (dispatch + grouped GEMM, grouped GEMM + combine) are
   pipelined the same way in ``moe.a2a_forward`` / ``moe.a2a_backward``: pieces
   of local tokens, capacity decided once over all pieces' routing metadata.
@@ -48,8 +46,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.compress.fp8 import Encoded, decode, encode_channels, encode_rows
-from trainer.parallel.comm import Joined, Then
+from trainer.parallel.comm import Joined
 from trainer.parallel.ops import rope
 
 
@@ -131,86 +128,38 @@ def a2a_out_gemm(ctx, out_BNSD, wo, chunks: int) -> torch.Tensor:
     return torch.cat(pieces, dim=1)
 
 
-def _rank_pieces(ctx, T_l: int, chunks: int):
-    """The gathered FFN's pieces in schedule order: (offset j, source rank, token slice).
-
-    Source rank r + j's tokens at step j, own tokens first (j = 0 needs no
-    communication, so the experts start at once), each rank's tokens in ``chunks``
-    slices. Rows inside a piece are sorted by expert: every piece depends on one
-    source rank only.
-    """
-    Tc = T_l // chunks
-    return [(j, (ctx.rank + j) % ctx.n, slice(c * Tc, (c + 1) * Tc))
-            for j in range(ctx.n) for c in range(chunks)]  # fmt: skip
-
-
-def _fetch(ctx, pieces, rows_of, channel: int, fp8: bool = False):
-    """Pairwise all-gather of the remote pieces, one ahead: step j receives rank r + j's
-    slice and sends ours to rank r - j."""
-    n, r = ctx.n, ctx.rank
-    remote = [(j, sl) for j, _, sl in pieces if j > 0]
-
-    def start(i):
-        j, sl = remote[i]
-        to, frm = (r - j) % n, (r + j) % n
-        if not fp8:
-            return ctx.comm.exchange(rows_of[sl], to, frm, "all_gather", "ffn_ag", channel)
-        enc = encode_channels(rows_of[sl])
-        ctx.comm.stats.nonfinite += enc.nonfinite
-        got = ctx.comm.exchange(enc.payload, to, frm, "all_gather", "ffn_ag", channel)
-        scales = ctx.comm.exchange(enc.scales, to, frm, "all_gather", "fp8_scales", channel + 1)
-        return Then(got, lambda x: decode(Encoded(x, scales.wait(), 0)).to(rows_of.dtype))
-
-    return Ahead(start, len(remote))
-
-
-def _return_partial(ctx, partial, j: int, kind: str, tag: str, channel: int, fp8: bool = False):
-    """Send the partial sums for rank r + j's tokens home while receiving rank r - j's
-    partial sums for ours (the pairwise form of a reduce-scatter, summed in FP32)."""
-    n, r = ctx.n, ctx.rank
-    to, frm = (r + j) % n, (r - j) % n
-    if not fp8:
-        return ctx.comm.exchange(partial, to, frm, kind, tag, channel)
-    enc = encode_rows(partial)
-    ctx.comm.stats.nonfinite += enc.nonfinite
-    got = ctx.comm.exchange(enc.payload, to, frm, "all_to_all", tag, channel)
-    scales = ctx.comm.exchange(enc.scales, to, frm, "all_to_all", "fp8_scales", channel + 1)
-    return Then(got, lambda x: decode(Encoded(x, scales.wait(), 0)))
-
-
 def ag_grouped_gemm_rs(ctx, x2, mine, gs_all, ids_all, first, w1, w3, w2, chunks: int):
-    """Gathered-FFN forward piece by piece, in source-rank order (``_rank_pieces``).
+    """Gathered-FFN forward in pieces of local tokens.
 
     ``mine`` [n T_l, k]: the (token, slot) pairs this rank computes (in all-gather
     order: source rank, then local token); ``gs_all`` their gate weights.
-    Piece j + 1 arrives while piece j's grouped GEMMs run; piece j's partial output
-    goes home while the next piece computes. Returns (out [T_l, H], saved dict).
+    Returns (out [T_l, H], saved dict for ``moe.gathered_backward``).
     """
+    from trainer.parallel.fp8comm import reduce_scatter_fp8
     from trainer.parallel.moe import grouped_fwd
 
     T_l, H = x2.shape
-    k, Tc, El = ctx.topk, T_l // chunks, w1.shape[0]
-    pieces = _rank_pieces(ctx, T_l, chunks)
-    gathers = _fetch(ctx, pieces, x2, channel=1)
+    n, k, Tc = ctx.n, ctx.topk, T_l // chunks
+    gathers = Ahead(
+        lambda c: ctx.comm.all_gather(x2[c * Tc : (c + 1) * Tc], "ffn_ag", async_op=True), chunks
+    )
     flat_ids, flat_gs = ids_all.reshape(-1), gs_all.reshape(-1)
-    acc = torch.zeros(T_l, H, dtype=torch.float32, device=x2.device)
     outs, sel, toks, gates, segs, fc1s, fc3s, piece_rows = [], [], [], [], [], [], [], []
-    for i, (j, src, sl) in enumerate(pieces):
-        rows = src * T_l + torch.arange(sl.start, sl.stop)  # gathered rows of this piece
-        slots = mine[rows].reshape(-1).nonzero().squeeze(-1)  # (row in piece) * k + slot
+    for c in range(chunks):
+        rows = (torch.arange(n)[:, None] * T_l + c * Tc + torch.arange(Tc)[None, :]).reshape(-1)
+        slots = mine[rows].reshape(-1).nonzero().squeeze(-1)  # within-piece (row, slot)
         slots = slots[torch.sort(flat_ids[(rows[slots // k] * k + slots % k)], stable=True).indices]
         global_slots = rows[slots // k] * k + slots % k
-        counts = torch.bincount(flat_ids[global_slots] - first, minlength=El).tolist()
-        x_c = x2[sl] if j == 0 else gathers.wait(i - chunks)
+        counts = torch.bincount(flat_ids[global_slots] - first, minlength=w1.shape[0]).tolist()
+        x_c = gathers.wait(c)
         g_c = flat_gs[global_slots]
         ys, fc1, fc3 = grouped_fwd(x_c[slots // k], g_c, list(enumerate(counts)), w1, w3, w2,
                                    ctx.fp8)  # fmt: skip
-        partial = ys.new_zeros(Tc * k, H).index_copy(0, slots, ys).view(Tc, k, H).sum(1)
-        if j == 0:
-            acc[sl] += partial.float()
+        full = ys.new_zeros(n * Tc * k, H).index_copy(0, slots, ys).view(n * Tc, k, H).sum(1)
+        if ctx.fp8:
+            outs.append(reduce_scatter_fp8(ctx, full, "ffn_rs"))
         else:
-            outs.append((sl, _return_partial(ctx, partial, j, "reduce_scatter", "ffn_rs", 2,
-                                             ctx.fp8)))  # fmt: skip
+            outs.append(ctx.comm.reduce_scatter(full, "ffn_rs", async_op=True))
         piece_rows.append(slots.numel())
         sel.append(global_slots)
         toks.append(rows[slots // k])
@@ -218,14 +167,13 @@ def ag_grouped_gemm_rs(ctx, x2, mine, gs_all, ids_all, first, w1, w3, w2, chunks
         segs += list(enumerate(counts))
         fc1s.append(fc1)
         fc3s.append(fc3)
-    for sl, handle in outs:
-        acc[sl] += handle.wait().float()
+    out = torch.cat([h.wait() for h in outs])
     saved = {
         "fc1": torch.cat(fc1s), "fc3": torch.cat(fc3s), "slot_sel": torch.cat(sel),
         "tokens": torch.cat(toks), "gs": torch.cat(gates), "segments": segs,
         "piece_rows": piece_rows,
     }  # fmt: skip
-    return acc.to(x2.dtype), saved
+    return out, saved
 
 
 def wo_bwd_a2a(ctx, d_h_BLH, wo, chunks: int):
@@ -287,54 +235,45 @@ def a2a_qkv_bwd(ctx, d_BSXD, ln1_fn, wqkv, positions, chunks: int):
 
 
 def ag_grouped_gemm_rs_bwd(ctx, d_out, recompute_x2, w1, w3, w2, saved, side=None):
-    """Backward of ``ag_grouped_gemm_rs`` in the same pieces (same returns as
-    ``moe.gathered_backward``): d(out) and the re-gathered inputs (SAR) arrive one
-    source rank ahead; each piece's dx and gate gradients go home while the next
-    piece computes."""
+    """Backward of ``ag_grouped_gemm_rs`` piece by piece (same returns as
+    ``moe.gathered_backward``); the inputs are re-gathered (SAR) in the same pieces."""
+    from trainer.parallel.fp8comm import all_gather_fp8
     from trainer.parallel.moe import grouped_bwd_data, grouped_bwd_weights
 
     s = saved
     T_l, H = d_out.shape
-    k, K, El = ctx.topk, ctx.chunks, w1.shape[0]
-    pieces = _rank_pieces(ctx, T_l, K)
-    ds = _fetch(ctx, pieces, d_out, channel=4, fp8=ctx.fp8)
+    n, k, K = ctx.n, ctx.topk, ctx.chunks
+    Tc = T_l // K
+    if ctx.fp8:
+        ds = Ahead(lambda c: all_gather_fp8(ctx, d_out[c * Tc : (c + 1) * Tc], "ffn_ag"), K)
+    else:
+        ds = Ahead(lambda c: ctx.comm.all_gather(d_out[c * Tc : (c + 1) * Tc], "ffn_ag",
+                                                 async_op=True), K)  # fmt: skip
     x2 = recompute_x2()
-    xs = _fetch(ctx, pieces, x2, channel=6)
+    xs = Ahead(lambda c: ctx.comm.all_gather(x2[c * Tc : (c + 1) * Tc], "ffn_ag", async_op=True),
+               K)  # fmt: skip
     side_out = side(x2) if side else None
     dw1, dw3, dw2 = torch.zeros_like(w1), torch.zeros_like(w1), torch.zeros_like(w2)
-    dx_acc = torch.zeros(T_l, H, dtype=torch.float32, device=d_out.device)
-    dg_acc = torch.zeros(T_l, k, dtype=torch.float32, device=d_out.device)
-    pending, row = [], 0
-    for i, (j, src, sl) in enumerate(pieces):
-        rows = slice(row, row + s["piece_rows"][i])
+    rss, g_rss, row, El = [], [], 0, w1.shape[0]
+    for c in range(K):
+        rows = slice(row, row + s["piece_rows"][c])
         row = rows.stop
-        segments = s["segments"][i * El : (i + 1) * El]  # each piece lists every local expert
-        local = s["tokens"][rows] - (src * T_l + sl.start)  # row of the piece's tokens
-        d_c = d_out[sl] if j == 0 else ds.wait(i - K)
+        segments = s["segments"][c * El : (c + 1) * El]  # each piece lists every local expert
+        tokens = s["tokens"][rows]  # rows of the whole gathered batch -> rows of piece c
+        local = (tokens // T_l) * Tc + tokens % T_l - c * Tc
         dxs, dgs, dw2_c, dfc1, dfc3 = grouped_bwd_data(
-            d_c[local], s["gs"][rows], segments, s["fc1"][rows], s["fc3"][rows],
+            ds.wait(c)[local], s["gs"][rows], segments, s["fc1"][rows], s["fc3"][rows],
             w1, w3, w2, ctx.fp8,
         )  # fmt: skip
         dw2 += dw2_c
-        d_x = dxs.new_zeros(sl.stop - sl.start, H).index_add(0, local, dxs)
-        d_g = dgs.new_zeros((sl.stop - sl.start) * k)
-        d_g = d_g.index_copy(0, local * k + s["slot_sel"][rows] % k, dgs).view(-1, k).float()
-        if j == 0:
-            dx_acc[sl] += d_x.float()
-            dg_acc[sl] += d_g
-        else:
-            pending.append(
-                (
-                    sl,
-                    _return_partial(ctx, d_x, j, "reduce_scatter", "ffn_rs", 8),
-                    _return_partial(ctx, d_g, j, "reduce_scatter", "routing", 10),
-                )
-            )
-        x_c = x2[sl] if j == 0 else xs.wait(i - K)
-        dw1_c, dw3_c = grouped_bwd_weights(x_c[local], segments, dfc1, dfc3, w1)
+        d_x = dxs.new_zeros(n * Tc, H).index_add(0, local, dxs)
+        rss.append(ctx.comm.reduce_scatter(d_x, "ffn_rs", async_op=True))
+        d_g = dgs.new_zeros(n * Tc * k).index_copy(0, local * k + s["slot_sel"][rows] % k, dgs)
+        g_rss.append(ctx.comm.reduce_scatter(d_g.view(n * Tc, k).float(), "routing",
+                                             async_op=True))  # fmt: skip
+        dw1_c, dw3_c = grouped_bwd_weights(xs.wait(c)[local], segments, dfc1, dfc3, w1)
         dw1 += dw1_c
         dw3 += dw3_c
-    for sl, dx_handle, dg_handle in pending:
-        dx_acc[sl] += dx_handle.wait().float()
-        dg_acc[sl] += dg_handle.wait()
-    return dx_acc.to(d_out.dtype), dg_acc, (dw1, dw3, dw2), x2, side_out
+    d_x2 = torch.cat([h.wait() for h in rss])
+    d_gates = torch.cat([h.wait() for h in g_rss])
+    return d_x2, d_gates, (dw1, dw3, dw2), x2, side_out
