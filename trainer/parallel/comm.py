@@ -47,17 +47,6 @@ class CommStats:
     tags: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     tag_exposed: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     nonfinite: int = 0  # non-finite values met by the FP8 codec
-    in_flight: list = field(default_factory=list)  # async handles not yet seen complete
-
-    def poll(self) -> None:
-        """Stamp the in-flight handles that have completed since the last look.
-
-        Called at every collective's issue and wait, so a handle waited long after
-        its work finished (a prefetch) ends its wall time about when it finished,
-        not when it was waited for.
-        """
-        now = time.perf_counter()
-        self.in_flight = [p for p in self.in_flight if not p.poll(now)]
 
     def totals(self) -> tuple[float, float]:
         """(wall seconds, exposed seconds) over every kind."""
@@ -80,6 +69,20 @@ class CommStats:
         return {k: {f: v / steps for f, v in s.items()} for k, s in self.to_dict().items()}
 
 
+_IN_FLIGHT: list[Pending] = []  # this process's async handles not yet seen complete
+
+
+def poll_in_flight() -> None:
+    """Stamp the in-flight handles (of every Comm in this process) that have completed.
+
+    Called at every collective's issue and wait, so a handle waited long after its
+    work finished (a prefetch) ends its wall time about when it finished, not when
+    it was waited for.
+    """
+    now = time.perf_counter()
+    _IN_FLIGHT[:] = [p for p in _IN_FLIGHT if not p.poll(now)]
+
+
 class Pending:
     """An in-flight collective; ``wait()`` blocks and books the exposed time."""
 
@@ -89,7 +92,7 @@ class Pending:
         self._done, self._result = False, None
         self._completed: float | None = None
         if work is not None and hasattr(work, "is_completed"):
-            comm.stats.in_flight.append(self)
+            _IN_FLIGHT.append(self)
 
     def poll(self, now: float) -> bool:
         """Note the completion time if the work has finished; True once it has."""
@@ -101,7 +104,7 @@ class Pending:
         """Block until done (booked once; later calls return the same result)."""
         if self._done:
             return self._result
-        self.comm.stats.poll()
+        poll_in_flight()
         # A synchronous call blocked the compute thread from its issue on.
         blocked = time.perf_counter() if self.work is not None else self.start
         if self.work is not None:
@@ -161,7 +164,7 @@ class Comm:
         self.stats = stats if stats is not None else CommStats()  # shared by a rank's Comms
 
     def _book(self, kind: str, tag: str, nbytes: int) -> float:
-        self.stats.poll()
+        poll_in_flight()
         s = self.stats.kinds[kind]
         s.calls += 1
         s.bytes += nbytes
