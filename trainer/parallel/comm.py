@@ -110,6 +110,9 @@ class Pending:
         if self.work is not None:
             self.work.wait()
         done = time.perf_counter()
+        if self in _IN_FLIGHT:  # hold no gloo work past its wait (nor past the group's end)
+            _IN_FLIGHT.remove(self)
+        self.work = None
         stats = self.comm.stats.kinds[self.kind]
         stats.exposed_seconds += done - blocked
         self.comm.stats.tag_exposed[self.tag] += done - blocked
