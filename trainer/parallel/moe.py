@@ -162,16 +162,18 @@ def a2a_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved, side=None):
     flat_e = ids.reshape(-1)
     piece_of_slot = (torch.arange(T_l * k, device=ids.device) // k) * K // T_l
     # Send order: piece, then expert (= destination rank, then its local expert).
-    slot_order = torch.sort(piece_of_slot * E + flat_e, stable=True).indices
-    counts_KE = torch.bincount(piece_of_slot * E + flat_e, minlength=K * E).view(K, E)
-    send_counts = counts_KE.view(K, n, El).transpose(0, 1).reshape(n, K * El)
+    key = piece_of_slot * E + flat_e
+    slot_order = torch.sort(key, stable=True).indices
+    counts_KNE = torch.bincount(key, minlength=K * E).view(K, n, El)
+    send_counts = counts_KNE.transpose(0, 1).reshape(n, K * El)
     recv_counts = ctx.comm.all_to_all(send_counts, None, None, "ep_counts").view(n, K, El)
     token_of = slot_order // k
-    pieces = _pieces(counts_KE.view(K, n, El).sum(-1), recv_counts, slot_order)
+    send_KN = counts_KNE.sum(-1)
+    pieces = _pieces(send_KN, recv_counts, slot_order)
     # float64 carries the global slot index exactly (float32 would stop at 2**24).
     slots = ctx.global_slots(T_l, k).to(device=x2.device, dtype=torch.float64)
     meta = torch.stack([gates.reshape(-1).double(), scores.reshape(-1).double(), slots], dim=1)
-    send_major = _rank_major(counts_KE.view(K, n, El).sum(-1).T)  # piece-major <-> rank-major
+    send_major = _rank_major(send_KN.T)  # piece-major <-> rank-major
     recv_major = _rank_major(recv_counts.sum(-1))
     meta_send = _to_rank_major(meta[slot_order], send_major)
     meta_handle = issue(ctx.comm.all_to_all, meta_send, *_totals(pieces), "ep_meta")

@@ -70,6 +70,22 @@ class Ahead:
         return result
 
 
+def gather_pieces(ctx, rows, chunks: int, fp8: bool = False) -> Ahead:
+    """All-gathers of ``rows`` in ``chunks`` slices of local tokens, one ahead (FP8 in the
+    backward's d(out) when ``comm.fp8``)."""
+    from trainer.parallel.fp8comm import all_gather_fp8
+
+    size = rows.shape[0] // chunks
+
+    def start(c):
+        piece = rows[c * size : (c + 1) * size]
+        if fp8:
+            return all_gather_fp8(ctx, piece, "ffn_ag")
+        return ctx.comm.all_gather(piece, "ffn_ag", async_op=True)
+
+    return Ahead(start, chunks)
+
+
 def issuer(ctx):
     """How a pair starts a collective: asynchronous when chunked, else as ``comm.overlap`` says."""
     if ctx.chunks > 1:
@@ -140,9 +156,7 @@ def ag_grouped_gemm_rs(ctx, x2, mine, gs_all, ids_all, first, w1, w3, w2, chunks
 
     T_l, H = x2.shape
     n, k, Tc = ctx.n, ctx.topk, T_l // chunks
-    gathers = Ahead(
-        lambda c: ctx.comm.all_gather(x2[c * Tc : (c + 1) * Tc], "ffn_ag", async_op=True), chunks
-    )
+    gathers = gather_pieces(ctx, x2, chunks)
     flat_ids, flat_gs = ids_all.reshape(-1), gs_all.reshape(-1)
     outs, sel, toks, gates, segs, fc1s, fc3s, piece_rows = [], [], [], [], [], [], [], []
     for c in range(chunks):
@@ -218,14 +232,14 @@ def a2a_qkv_bwd(ctx, d_BSXD, ln1_fn, wqkv, positions, chunks: int):
     ln1 = ln1_fn()
     d_ln1 = torch.empty_like(ln1)
     d_wqkv = torch.zeros_like(wqkv)
+
+    def heads(t):  # [n, B, Lc, x, D] -> [B, Lc, n x, D]: global head order
+        return t.permute(1, 2, 0, 3, 4).reshape(B, Lc, -1, D)
+
     for c in range(chunks):
         piece = slice(c * Lc, (c + 1) * Lc)
         dq, dk, dv = pending.wait(c).view(n, B, Lc, X, D).split([nl, gl, gl], dim=3)
         pos = positions[piece]
-
-        def heads(t):  # [n, B, Lc, x, D] -> [B, Lc, n x, D]: global head order
-            return t.permute(1, 2, 0, 3, 4).reshape(B, Lc, -1, D)
-
         dq = rope(heads(dq), pos, ctx.rope_theta, inverse=True)
         dk = rope(heads(dk), pos, ctx.rope_theta, inverse=True)
         d_qkv = torch.cat([t.reshape(B, Lc, -1) for t in (dq, dk, heads(dv))], dim=-1)
@@ -237,21 +251,15 @@ def a2a_qkv_bwd(ctx, d_BSXD, ln1_fn, wqkv, positions, chunks: int):
 def ag_grouped_gemm_rs_bwd(ctx, d_out, recompute_x2, w1, w3, w2, saved, side=None):
     """Backward of ``ag_grouped_gemm_rs`` piece by piece (same returns as
     ``moe.gathered_backward``); the inputs are re-gathered (SAR) in the same pieces."""
-    from trainer.parallel.fp8comm import all_gather_fp8
     from trainer.parallel.moe import grouped_bwd_data, grouped_bwd_weights
 
     s = saved
     T_l, H = d_out.shape
     n, k, K = ctx.n, ctx.topk, ctx.chunks
     Tc = T_l // K
-    if ctx.fp8:
-        ds = Ahead(lambda c: all_gather_fp8(ctx, d_out[c * Tc : (c + 1) * Tc], "ffn_ag"), K)
-    else:
-        ds = Ahead(lambda c: ctx.comm.all_gather(d_out[c * Tc : (c + 1) * Tc], "ffn_ag",
-                                                 async_op=True), K)  # fmt: skip
+    ds = gather_pieces(ctx, d_out, K, fp8=ctx.fp8)
     x2 = recompute_x2()
-    xs = Ahead(lambda c: ctx.comm.all_gather(x2[c * Tc : (c + 1) * Tc], "ffn_ag", async_op=True),
-               K)  # fmt: skip
+    xs = gather_pieces(ctx, x2, K)
     side_out = side(x2) if side else None
     dw1, dw3, dw2 = torch.zeros_like(w1), torch.zeros_like(w1), torch.zeros_like(w2)
     rss, g_rss, row, El = [], [], 0, w1.shape[0]
