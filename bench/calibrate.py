@@ -5,14 +5,15 @@
 
 Probes this machine (under a minute): the GEMM rate at one thread and at two
 (``trainer.observe.mfu``'s cached probe), the one-thread copy bandwidth and FP8
-codec rate, and loopback gloo among 2 and 4 one-thread ranks
-(``trainer.parallel.launch.run_local``: all-to-all, all-gather, reduce-scatter
-and a one-float all-reduce). From these alone it builds the planner's profile of
-the ablation's cluster - 4 one-thread ranks on this machine's cores
-(``trainer.plan.hardware.cpu_ranks``), on loopback or with every rank's link
-held to the fabric's Mbit/s (``over_fabric``) - and predicts each row's step
-time with ``trainer.plan.predict`` on the layout the trainer runs for that
-row's config (``trainer_layout``). Nothing is fitted to the measured steps.
+codec rate, and loopback gloo among 2 and 4 one-thread ranks (bench/probes.py,
+ranks started by ``trainer.parallel.spawn.run_local``: all-to-all, all-gather,
+reduce-scatter and a one-float all-reduce). From these alone it builds the
+planner's profile of the ablation's cluster - 4 one-thread ranks on this
+machine's cores (``trainer.plan.hardware.cpu_ranks``), on loopback or with
+every rank's link held to the fabric's Mbit/s (``over_fabric``) - and predicts
+each row's step time with ``trainer.plan.predict`` on the layout the trainer
+runs for that row's config (``trainer_layout``). Nothing is fitted to the
+measured steps.
 
 A second prediction divides the kernel time by one ``framework`` efficiency
 measured on a different run: one rank, one thread, the same model at n = 1 (no
@@ -38,6 +39,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.ablation import LADDER
+from bench.probes import probe_cpu_rates, probe_gloo
+from trainer.atomic import write_json_atomic
 from trainer.config import Config, apply_overrides
 from trainer.plan.hardware import (
     CpuRates,
@@ -63,7 +66,7 @@ GLOO_PROBES = 3
 def probe_one_rank(steps: int = 7, warmup: int = 2) -> float:
     """Median step seconds of bench/ablation.py's model on one rank, one thread (n = 1)."""
     from bench.ablation import worker
-    from trainer.parallel.launch import run_local
+    from trainer.parallel.spawn import run_local
 
     (rank0,) = run_local(1, worker, [ONE_RANK], steps, warmup, threads=1)
     return statistics.median(rank0[0]["times"])  # its one row
@@ -74,7 +77,6 @@ def probe(ranks: tuple[int, ...] = (2, 4)) -> dict[str, Any]:
     import torch
 
     from trainer.observe.mfu import cpu_peak_flops
-    from trainer.plan.hardware import probe_cpu_rates, probe_gloo
 
     rates = probe_cpu_rates()
     threads = torch.get_num_threads()
@@ -313,7 +315,10 @@ def main() -> None:
     p.add_argument("--ablation", default="bench/results/ablation.json")
     p.add_argument("--json", default="bench/results/calibration.json")
     a = p.parse_args()
-    ablation = json.loads(Path(a.ablation).read_text())
+    try:
+        ablation = json.loads(Path(a.ablation).read_text())
+    except (OSError, ValueError) as exc:
+        p.error(f"--ablation {a.ablation}: {exc} (run bench/ablation.py --json {a.ablation} first)")
     probes = probe(tuple(sorted({2, ablation["ranks"]})))
     print(probe_lines(probes), flush=True)
     result = calibrate(ablation, probes)
@@ -323,8 +328,7 @@ def main() -> None:
     print()
     print(table(result))
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
+        write_json_atomic(a.json, result)
 
 
 if __name__ == "__main__":

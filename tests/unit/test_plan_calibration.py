@@ -1,15 +1,26 @@
-"""The planner's model of bench/ablation.py's CPU cluster, on recorded inputs (no timing)."""
+"""The planner's model of bench/ablation.py's CPU cluster, on recorded inputs; bench/probes.py's
+probes of this machine, in-process and in well under a second."""
 
+import ast
 import json
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
+from bench import probes
 from bench.ablation import LADDER, MODEL
 from bench.calibrate import calibrate, profiles, row_configs, step_bytes, table
-from trainer.plan import GPUS
-from trainer.plan.hardware import TCP_PAYLOAD, CpuRates, GlooRates, cpu_ranks, over_fabric
+from trainer.plan import GPUS, hardware_profile
+from trainer.plan.hardware import (
+    TCP_PAYLOAD,
+    CpuRates,
+    GlooRates,
+    cpu_profile,
+    cpu_ranks,
+    over_fabric,
+)
 from trainer.plan.layer import layer_cost
 from trainer.plan.layout import trainer_layout
 from trainer.plan.model import predict
@@ -191,3 +202,86 @@ def test_calibrate_refuses_rows_that_are_not_the_ladder():
 
 def test_model_list_is_the_benchmarks():
     assert ABLATION["model"] == MODEL
+
+
+# ---------------------------------------------------------------- the probes (bench/probes.py)
+
+
+@pytest.mark.timeout(60)
+def test_loopback_probe_measures_a_bandwidth_and_a_latency():
+    bandwidth, latency = probes.probe_loopback(megabytes=4, repeats=2)
+    assert bandwidth > 1e7  # well above 10 MB/s on any machine
+    assert 0 < latency < 1.0
+
+
+def test_gloo_rates_take_the_slowest_rank_less_one_latency():
+    per_rank = [
+        {
+            "booked_bytes": 3e6,
+            "latency": 1e-3,
+            "all_to_all": 4e-3,
+            "all_gather": 3e-3,
+            "reduce_scatter": 6e-3,
+        },
+        {
+            "booked_bytes": 3e6,
+            "latency": 2e-3,
+            "all_to_all": 5e-3,
+            "all_gather": 8e-3,
+            "reduce_scatter": 5e-3,
+        },
+        {
+            "booked_bytes": 3e6,
+            "latency": 1e-3,
+            "all_to_all": 2e-3,
+            "all_gather": 3e-3,
+            "reduce_scatter": 4e-3,
+        },
+    ]
+    rates = probes.gloo_rates(per_rank)
+    assert rates == GlooRates(3, 3e6 / 3e-3, 3e6 / 6e-3, 3e6 / 4e-3, 2e-3)
+
+
+@pytest.mark.timeout(60)
+def test_a_gloo_probe_rank_runs_every_collective_without_private_helpers():
+    """One rank of probe_gloo on a 1-rank group in this process (the spawned probe takes
+    seconds): every kind timed through public torch.distributed calls."""
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        timings = probes._gloo_worker(0, 1, megabytes=0.01, repeats=2, rounds=1)
+    finally:
+        dist.destroy_process_group()
+    assert timings["booked_bytes"] == 0  # nothing leaves a lone rank
+    for kind in ("latency", "all_to_all", "all_gather", "reduce_scatter"):
+        assert 0 < timings[kind] < 10, kind
+    source = Path(probes.__file__).read_text()
+    assert "_ALL_GATHER" not in source and "_REDUCE_SCATTER" not in source
+
+
+def test_probes_main_records_what_plan_gpu_cpu_reads(tmp_path, monkeypatch, capsys):
+    """bench/probes.py writes the record trainer.plan.hardware reads (probes stubbed: no timing)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(probes, "probe_cpu_rates", lambda: RATES)
+    monkeypatch.setattr(probes, "probe_loopback", lambda: (1.5e9, 4e-4))
+    monkeypatch.setattr("sys.argv", ["probes.py"])
+    probes.main()
+    assert "recorded in" in capsys.readouterr().out
+    assert hardware_profile("cpu") == cpu_profile(RATES, 1.5e9, 4e-4)
+
+
+def test_the_planner_measures_nothing():
+    """trainer/plan holds the physical model only: it imports no probe, launcher or bench."""
+    banned = ("bench", "threading", "time", "subprocess", "multiprocessing", "torch.distributed")
+    banned += ("trainer.launch", "trainer.parallel.launch", "trainer.parallel.spawn")
+    banned += ("trainer.parallel.comm",)
+    for path in (ROOT / "trainer" / "plan").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                assert not name.startswith(banned), (path.name, name)

@@ -12,8 +12,8 @@ MFU; ``memory`` counts bytes per GPU; ``search`` ranks the layouts the
 trainer accepts; ``command`` is ``megamoe plan``. The equations, every
 parameter's source and the comparison with the paper: docs/PLANNER.md.
 
-Pure arithmetic: nothing here starts a process or touches a device, except
-the ``cpu`` profile's few-hundred-millisecond probes of this machine.
+Pure arithmetic: nothing here starts a process, touches a device or times
+this machine; the ``cpu`` profile reads the probes bench/probes.py recorded.
 """
 
 from trainer.plan.hardware import GPUS, Hardware, hardware_profile

@@ -16,20 +16,22 @@ Sources of the datasheet numbers (dense, no sparsity):
   GPU in one direction, so the model uses half (H800 400 -> 200 GB/s,
   H100/H200/H20 900 -> 450, A100 600 -> 300, B200 1800 -> 900).
 * NIC: one NIC per GPU on a rail-optimised fabric: 400 Gb/s = 50 GB/s
-  (ConnectX-7 in HGX/DGX H100, H800 and B200 systems; the paper's "50 GB/s
-  NIC"); A100 (DGX A100) 200 Gb/s = 25 GB/s.
+  (ConnectX-7 in HGX/DGX H100, H800 and B200 systems; the "50 GB/s NIC" of
+  the H800 cluster in MegaScale-MoE, arXiv 2505.11432); A100 (DGX A100)
+  200 Gb/s = 25 GB/s.
 
 The efficiencies (:class:`Efficiency`) are global constants, the same for
 every NVIDIA profile, chosen once (see docs/PLANNER.md for the reasoning);
-nothing is fitted per model, GPU count or table row. ``"cpu"`` is this
-machine: its GEMM rate and its loopback gloo bandwidth and latency are
-measured by small in-process probes (:func:`cpu_profile`).
+nothing is fitted per model, GPU count or table row.
 
-For the calibration against bench/ablation.py (bench/calibrate.py,
-docs/PLANNER.md "Calibration on this machine"), :func:`cpu_ranks` describes N
-one-thread ranks sharing this machine's cores from one-thread probes
-(:class:`CpuRates`) and loopback gloo measured among N ranks
-(:class:`GlooRates`, :func:`probe_gloo`), and :func:`over_fabric` holds every
+Nothing here measures anything. ``"cpu"`` is this machine, built by
+:func:`cpu_profile` from one-thread rates (:class:`CpuRates`) and a loopback
+gloo link that bench/probes.py measured and recorded
+(:func:`cached_cpu_profile` reads the record). For the calibration against
+bench/ablation.py (bench/calibrate.py, docs/PLANNER.md "Calibration on this
+machine"), :func:`cpu_ranks` describes N one-thread ranks sharing this
+machine's cores from the same one-thread rates and loopback gloo measured
+among N ranks (:class:`GlooRates`), and :func:`over_fabric` holds every
 rank's link to bench/fabric.py's rate. Two fields exist for such CPU ranks
 only: ``comm_cpu_share`` (the part of a collective that occupies the compute
 cores, which no overlap hides) and ``fp8_codec_rate`` (the FP8 codec as
@@ -38,11 +40,12 @@ separate kernels on those cores); both are 0 on GPUs.
 
 from __future__ import annotations
 
-import datetime
+import json
 import os
-import threading
-import time
-from dataclasses import dataclass, replace
+import platform
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
 
 from trainer.errors import ConfigError
 
@@ -154,12 +157,12 @@ def known_names() -> list[str]:
 
 
 def hardware_profile(name: str) -> Hardware:
-    """The profile called ``name`` (case-insensitive); ``cpu`` probes this machine."""
+    """The profile called ``name`` (case-insensitive); ``cpu``: this machine's recorded probes."""
     key = name.strip().upper()
     if key in GPUS:
         return GPUS[key]
     if key in CPU_NAMES:
-        return cpu_profile()
+        return cached_cpu_profile()
     raise ConfigError(f"unknown --gpu {name!r} (known: {', '.join(known_names())})")
 
 
@@ -184,101 +187,93 @@ CPU_EFFICIENCY = Efficiency(
 )
 
 
-def probe_loopback(megabytes: int = 16, repeats: int = 3) -> tuple[float, float]:
-    """Per-direction bytes/s of a 2-rank gloo all-to-all over loopback, and one call's latency.
+@dataclass(frozen=True)
+class CpuRates:
+    """This machine measured with one thread: what one rank with a core to itself reaches."""
 
-    Two threads in this process, each with its own gloo process group on an
-    in-memory store: no subprocess, no port, well under a second.
-    """
-    import torch
-    import torch.distributed as dist
-
-    store = dist.HashStore()
-    timings: dict[int, tuple[float, float]] = {}
-
-    def rank_main(rank: int) -> None:
-        group = dist.ProcessGroupGloo(store, rank, 2, datetime.timedelta(seconds=30))
-        x = torch.ones(megabytes * 2**20 // 4)
-        out = torch.empty_like(x)
-        group.alltoall_base(out, x, [], []).wait()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            group.alltoall_base(out, x, [], []).wait()
-        bulk = (time.perf_counter() - start) / repeats
-        tiny = torch.ones(1)
-        start = time.perf_counter()
-        for _ in range(10):
-            group.allreduce([tiny]).wait()
-        timings[rank] = (bulk, (time.perf_counter() - start) / 10)
-
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    if len(timings) != 2:
-        raise ConfigError("the loopback gloo probe did not finish within 60 s")
-    bulk = max(t[0] for t in timings.values())
-    latency = max(t[1] for t in timings.values())
-    sent = megabytes * 2**20 / 2  # half of each rank's buffer leaves it
-    return sent / max(bulk - latency, 1e-9), latency
+    cores: int
+    gemm_fp32: float  # FLOP/s of a 1024^3 GEMM (trainer.observe.mfu's probe)
+    gemm_bf16: float
+    memory_bw: float  # bytes/s of a large tensor copy, read + write
+    fp8_codec_rate: float  # elements/s of an FP8 round trip (encode_rows + decode)
+    memory_bytes: float  # the machine's RAM
 
 
-def probe_memory_bandwidth(megabytes: int = 256) -> float:
-    """Bytes/s of a large tensor copy (read + write) on one thread."""
-    import torch
-
-    src = torch.ones(megabytes * 2**20 // 4)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - start)
-    return 2 * src.numel() * 4 / best
-
-
-def _total_ram() -> float:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        return 16 * GiB
-
-
-def cpu_profile() -> Hardware:
+def cpu_profile(rates: CpuRates, link_bw: float, latency_s: float) -> Hardware:
     """This machine as a "node" of one-thread ranks (how the trainer runs ``--nproc`` on CPU).
 
-    Peak: the cached GEMM probe of ``trainer.observe.mfu`` at one thread.
-    Links: the measured loopback gloo bandwidth and latency, for both the
-    intra-node group and "inter-node" traffic (there is no second node).
+    One rank per core, each with the one-thread GEMM rate and its share of the copy
+    bandwidth and the RAM; links (the intra-node group and "inter-node" traffic alike:
+    there is no second node) at ``link_bw`` bytes/s each way with ``latency_s`` per call,
+    as a 2-rank loopback gloo all-to-all measures them.
     """
-    import torch
-
-    from trainer.observe.mfu import cpu_peak_flops
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        fp32 = cpu_peak_flops("fp32")
-        bf16 = cpu_peak_flops("bf16")
-        hbm = probe_memory_bandwidth()
-    finally:
-        torch.set_num_threads(threads)
-    link, latency = probe_loopback()
-    cores = os.cpu_count() or 1
     return Hardware(
         name="cpu",
-        peak_flops=bf16,
-        peak_flops_fp32=fp32,
-        memory_bytes=_total_ram() / cores,
-        hbm_bw=hbm / cores,
-        nvlink_bw=link,
-        gpus_per_node=cores,
-        nic_bw=link,
-        efficiency=replace(CPU_EFFICIENCY, latency_s=latency, chunk_latency_s=latency),
+        peak_flops=rates.gemm_bf16,
+        peak_flops_fp32=rates.gemm_fp32,
+        memory_bytes=rates.memory_bytes / rates.cores,
+        hbm_bw=rates.memory_bw / rates.cores,
+        nvlink_bw=link_bw,
+        gpus_per_node=rates.cores,
+        nic_bw=link_bw,
+        efficiency=replace(CPU_EFFICIENCY, latency_s=latency_s, chunk_latency_s=latency_s),
         source="measured on this machine: 1-thread GEMM probe, tensor copy, 2-rank loopback gloo",
     )
+
+
+# The probes themselves live in bench/probes.py (``python bench/probes.py`` writes this
+# record); the planner only reads what they measured.
+
+
+def cpu_probes_path() -> Path:
+    """Where bench/probes.py leaves this machine's probes (beside trainer.observe.mfu's cache)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "megamoe" / "cpu_probes.json"
+
+
+def this_machine() -> str:
+    """What a probe record must have been measured on: the CPU model and the core count."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count() or 1} cores"
+
+
+def cpu_probes_record(rates: CpuRates, link_bw: float, latency_s: float) -> dict[str, Any]:
+    """The JSON record :func:`cached_cpu_profile` reads."""
+    return {
+        "machine": this_machine(),
+        "rates": asdict(rates),
+        "loopback": {"bandwidth": link_bw, "latency_s": latency_s},
+    }
+
+
+def cached_cpu_profile(path: Path | None = None) -> Hardware:
+    """:func:`cpu_profile` from the probes bench/probes.py recorded on this machine."""
+    path = path or cpu_probes_path()
+    hint = "run `python bench/probes.py` to probe this machine (under a minute)"
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--gpu cpu needs this machine's probes: no {path}; {hint}") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {path} ({e}); {hint}") from None
+    machine = this_machine()
+    if not isinstance(record, dict) or record.get("machine") != machine:
+        found = record.get("machine") if isinstance(record, dict) else None
+        raise ConfigError(f"{path} holds probes of {found!r}, not of this {machine!r}; {hint}")
+    try:
+        link = record["loopback"]
+        return cpu_profile(
+            CpuRates(**record["rates"]), float(link["bandwidth"]), float(link["latency_s"])
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"{path} is not a probe record ({e!r}); {hint}") from None
 
 
 # ------------------------------------------- CPU ranks sharing cores (bench/calibrate.py)
@@ -302,18 +297,6 @@ class GlooRates:
     all_gather: float
     reduce_scatter: float
     latency_s: float
-
-
-@dataclass(frozen=True)
-class CpuRates:
-    """This machine measured with one thread: what one rank with a core to itself reaches."""
-
-    cores: int
-    gemm_fp32: float  # FLOP/s of a 1024^3 GEMM (trainer.observe.mfu's probe)
-    gemm_bf16: float
-    memory_bw: float  # bytes/s of a large tensor copy, read + write
-    fp8_codec_rate: float  # elements/s of an FP8 round trip (encode_rows + decode)
-    memory_bytes: float  # the machine's RAM
 
 
 def cpu_ranks(rates: CpuRates, gloo: GlooRates, name: str = "cpu") -> Hardware:
@@ -386,107 +369,4 @@ def over_fabric(hw: Hardware, mbit: float) -> Hardware:
         efficiency=eff,
         comm_cpu_share=hw.comm_cpu_share * a2a / loop_a2a,
         source=f"{hw.source}; links limited to {mbit:.0f} Mbit/s (tc tbf), TCP payload",
-    )
-
-
-def _gloo_worker(
-    rank: int, world: int, megabytes: float, repeats: int, rounds: int
-) -> dict[str, float]:
-    """One rank of :func:`probe_gloo` (module level: spawned ranks import it).
-
-    Per kind the median over ``rounds`` of the mean time of ``repeats`` calls.
-    """
-    import statistics
-
-    import torch
-    import torch.distributed as dist
-
-    from trainer.parallel.comm import _ALL_GATHER, _REDUCE_SCATTER
-
-    numel = int(megabytes * 2**20 / 4) // world * world
-    x = torch.ones(numel)
-    out = torch.empty_like(x)
-    part = torch.empty(numel // world)
-    tiny = torch.ones(1)
-    ops = {
-        "latency": lambda: dist.all_reduce(tiny),
-        "all_to_all": lambda: dist.all_to_all_single(out, x),
-        "all_gather": lambda: _ALL_GATHER(out, x[: numel // world]),
-        "reduce_scatter": lambda: _REDUCE_SCATTER(part, x),
-    }
-    timings = {"booked_bytes": numel * 4 * (world - 1) / world}
-    for name, op in ops.items():
-        op()  # connections and buffers warm
-        means = []
-        for _ in range(rounds):
-            dist.barrier()
-            start = time.perf_counter()
-            for _ in range(repeats):
-                op()
-            means.append((time.perf_counter() - start) / repeats)
-        timings[name] = statistics.median(means)
-    return timings
-
-
-def probe_gloo(ranks: int, megabytes: float = 1.5, repeats: int = 10, rounds: int = 3) -> GlooRates:
-    """Loopback gloo among ``ranks`` fresh one-thread processes (as bench/ablation.py runs).
-
-    Each kind moves a ``megabytes`` tensor (booked 1.1 MB at 4 ranks; the ablation's
-    collectives book 0.4-1.6 MB); per kind the slowest rank's time counts. Latency: a
-    one-float all-reduce. A few seconds, mostly process start-up. On a machine with
-    fewer cores than ranks the rates move by +-30 % from one probe to the next.
-    """
-    from trainer.parallel.launch import run_local
-
-    per_rank = run_local(ranks, _gloo_worker, megabytes, repeats, rounds, threads=1)
-    latency = max(r["latency"] for r in per_rank)
-    booked = per_rank[0]["booked_bytes"]
-
-    def rate(kind: str) -> float:
-        return booked / max(max(r[kind] for r in per_rank) - latency, 1e-9)
-
-    return GlooRates(ranks, rate("all_to_all"), rate("all_gather"), rate("reduce_scatter"), latency)
-
-
-def probe_fp8_codec(rows: int = 2048, cols: int = 256, repeats: int = 5) -> float:
-    """Elements/s of ``trainer.compress.fp8``'s per-row encode + decode on one thread."""
-    import torch
-
-    from trainer.compress.fp8 import decode, encode_rows
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        x = torch.randn(rows, cols)
-        decode(encode_rows(x))
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            decode(encode_rows(x))
-            best = min(best, time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(threads)
-    return x.numel() / best
-
-
-def probe_cpu_rates() -> CpuRates:
-    """The one-thread probes of this machine (GEMM peaks cached as for ``--gpu cpu``)."""
-    import torch
-
-    from trainer.observe.mfu import cpu_peak_flops
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        fp32, bf16 = cpu_peak_flops("fp32"), cpu_peak_flops("bf16")
-        memory = probe_memory_bandwidth()
-    finally:
-        torch.set_num_threads(threads)
-    return CpuRates(
-        cores=os.cpu_count() or 1,
-        gemm_fp32=fp32,
-        gemm_bf16=bf16,
-        memory_bw=memory,
-        fp8_codec_rate=probe_fp8_codec(),
-        memory_bytes=_total_ram(),
     )
