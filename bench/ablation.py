@@ -4,7 +4,7 @@
         [--json bench/results/ablation.json] [--png docs/ablation.png] [--no-fabric] \\
         [--set KEY=VALUE ...]
 
-Rows (each adds one thing to the previous, PAPER.md section 7):
+Rows (each adds one thing to the previous, MegaScale-MoE (arXiv 2505.11432), evaluation):
   1. tp+tp: Megatron-style TP attention and TP experts, no overlap
   2. sp+ep: Ulysses SP attention and EP (all-to-all) experts
   3. + inter-operator overlap (comm.overlap)
@@ -31,6 +31,10 @@ really added. The JSON records the share reached
 ranks waiting for each other on shared cores; and per row the idle core time
 (core-seconds of the step no rank's thread ran: what the network and the
 stalls really cost a machine with more ranks than cores).
+
+``--png`` plots (needs matplotlib: ``pip install -e '.[bench]'``, checked
+before the ladder starts); without it nothing is plotted. The fabric needs
+root and iproute2, also checked first (``--no-fabric`` runs loopback only).
 """
 
 from __future__ import annotations
@@ -45,11 +49,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-MODEL = [
-    "model.vocab_size=512", "model.hidden=512", "model.heads=8", "model.kv_heads=4",
-    "model.ffn_hidden=1024", "model.experts=8", "model.topk=2", "model.seq_len=512",
-    "model.layers=2", "train.global_batch=4", "parallel.n=4",
-]  # fmt: skip
+from bench._deps import require
+from bench.fabric import unavailable as fabric_unavailable
+from trainer.atomic import write_json_atomic
+
+MODEL = (
+    "model.vocab_size=512 model.hidden=512 model.heads=8 model.kv_heads=4 model.ffn_hidden=1024 "
+    "model.experts=8 model.topk=2 model.seq_len=512 model.layers=2 train.global_batch=4 "
+    "parallel.n=4"
+).split()
 LADDER = [
     ("tp+tp, no overlap", ["parallel.attention=tp", "parallel.ffn=tp"]),
     ("sp+ep", ["parallel.attention=sp", "parallel.ffn=ep_a2a"]),
@@ -66,22 +74,25 @@ def _build_row(rank: int, world: int, overrides: list[str]):
     import torch
 
     from trainer.config import Config, apply_overrides
+    from trainer.model import MoETransformer
+    from trainer.parallel.comm import Comms
     from trainer.parallel.dims import ParallelDims
-    from trainer.parallel.launch import build_comms
-    from trainer.parallel.model import build_parallel_model
+    from trainer.parallel.model import ParallelMoE
     from trainer.parallel.pipeline import StageRunner
     from trainer.parallel.zero import ZeroOptimizer
 
     cfg = apply_overrides(Config(), [*MODEL, *overrides])
     dims = ParallelDims.build(cfg, rank, world)
-    comms = build_comms(dims)
-    model = build_parallel_model(cfg, comms.n, dims.n_index, torch.device("cpu"))
-    model.ctx.forced_routing = True  # balanced routing: every row sees the same load
+    comms = Comms.from_dims(dims)
+    torch.manual_seed(cfg.train.seed)  # as build_parallel_model, plus balanced routing:
+    reference = MoETransformer(cfg.model, groups=cfg.parallel.n)  # every row sees the same load
+    model = ParallelMoE(cfg, comms.n, dims.n_index, reference, balanced_routing=True)
     optimizer = ZeroOptimizer(
         model, cfg.train, comms.n, comms.dp, cfg.comm.grad_sync, cfg.comm.overlap
     )
-    runner = StageRunner(model, cfg, comms.pp, (None, None),
-                         optimizer.arm if cfg.comm.overlap else None)  # fmt: skip
+    runner = StageRunner(
+        model, cfg, comms.pp, (None, None), optimizer.arm if cfg.comm.overlap else None
+    )
     return cfg, comms, runner, optimizer
 
 
@@ -101,8 +112,9 @@ def worker(rank: int, world: int, ladder: list[list[str]], steps: int, warmup: i
     cfg = rows[0][0]
     L = cfg.model.seq_len // world
     g = torch.Generator().manual_seed(0)
-    out = [{"times": [], "exposed": [], "comm": [], "by_tag": [], "cpu": [], "bytes": 0}
-           for _ in rows]  # fmt: skip
+    out = [
+        {"times": [], "exposed": [], "comm": [], "by_tag": [], "cpu": [], "bytes": 0} for _ in rows
+    ]
     for step in range(warmup + steps):
         tokens = torch.randint(0, cfg.model.vocab_size, (4, cfg.model.seq_len + 1), generator=g)
         batch = [
@@ -155,9 +167,15 @@ def summarise(name: str, ranks: list[dict], steps: int, cores: int) -> dict:
     }
 
 
-def run_ladder(runner, steps: int, warmup: int, extra_model: list[str] = (),
-               rows: int | None = None, quiet: bool = False,
-               ffn: str = "ep_a2a") -> list[dict]:  # fmt: skip
+def run_ladder(
+    runner,
+    steps: int,
+    warmup: int,
+    extra_model: list[str] = (),
+    rows: int | None = None,
+    quiet: bool = False,
+    ffn: str = "ep_a2a",
+) -> list[dict]:
     """Run the first ``rows`` rows of the ladder (all by default) interleaved; one dict each.
 
     ``ffn``: the expert mode of the sp+ep rows (the paper's ladder runs AG/RS experts).
@@ -174,10 +192,12 @@ def run_ladder(runner, steps: int, warmup: int, extra_model: list[str] = (),
         r = out[-1]
         if quiet:
             continue
-        print(f"  {name:<22} step {r['step_s'] * 1e3:7.1f} ms, "
-              f"exposed {r['exposed_s'] * 1e3:6.1f} ms, overlap {100 * r['overlap_ratio']:4.1f} %, "
-              f"idle cores {r['idle_core_s'] * 1e3:6.1f} ms",
-              flush=True)  # fmt: skip
+        print(
+            f"  {name:<22} step {r['step_s'] * 1e3:7.1f} ms, "
+            f"exposed {r['exposed_s'] * 1e3:6.1f} ms, overlap {100 * r['overlap_ratio']:4.1f} %, "
+            f"idle cores {r['idle_core_s'] * 1e3:6.1f} ms",
+            flush=True,
+        )
     base = out[0]["step_s"]
     for r in out:
         r["step_ratio"] = r["step_s"] / base
@@ -207,8 +227,12 @@ def plot(results: dict, path: str) -> None:
     for i, (label, rows) in enumerate(results.items()):
         at = [v + (i - 1) * width for v in x]
         left.bar(at, [r["throughput"] for r in rows], width, label=label)
-        right.bar([v + (i - 0.5) * width for v in x], [r["exposed_s"] * 1e3 for r in rows],
-                  width, label=label)  # fmt: skip
+        right.bar(
+            [v + (i - 0.5) * width for v in x],
+            [r["exposed_s"] * 1e3 for r in rows],
+            width,
+            label=label,
+        )
     left.bar([v + width for v in x], [p or 0 for p in PAPER], width, label="paper (240 H800)")
     left.set_ylabel("normalised throughput (row 1 = 1)")
     left.axhline(1.0, color="grey", linewidth=0.5)
@@ -251,8 +275,11 @@ def auto_rate(loopback_row1: dict, extra_model: list[str]) -> float:
     added_s = max(probe["step_s"] - loop_s, 1e-3)
     share = added_s / probe["step_s"]
     tuned = mbit * added_s / target_s
-    print(f"fabric: at {mbit:.0f} Mbit/s the network was {100 * share:.0f} % of row 1's step;"
-          f" rescaled", flush=True)  # fmt: skip
+    print(
+        f"fabric: at {mbit:.0f} Mbit/s the network was {100 * share:.0f} % of row 1's step;"
+        f" rescaled",
+        flush=True,
+    )
     return tuned
 
 
@@ -263,7 +290,7 @@ def main() -> None:
     p.add_argument("--intra-mbit", default="auto")
     p.add_argument("--no-fabric", action="store_true")
     p.add_argument("--json", default="bench/results/ablation.json")
-    p.add_argument("--png", default="docs/ablation.png")
+    p.add_argument("--png", default=None, help="plot to this file (e.g. docs/ablation.png)")
     p.add_argument(
         "--set",
         action="append",
@@ -272,18 +299,27 @@ def main() -> None:
         help="change the model for every row (e.g. toy shapes for a smoke run)",
     )
     p.add_argument(
-        "--ffn", default="ep_a2a", choices=["ep_a2a", "ep_agrs"],
+        "--ffn",
+        default="ep_a2a",
+        choices=["ep_a2a", "ep_agrs"],
         help="expert mode of the sp+ep rows (default: all-to-all, what auto picks here)",
-    )  # fmt: skip
+    )
     p.add_argument(
         "--replot", action="store_true", help="only redraw --png from the results already in --json"
     )
     a = p.parse_args()
+    # Everything that could stop the run is checked before the ladder's minutes start.
+    if a.replot and not a.png:
+        p.error("--replot needs --png")
+    if a.png:
+        require("matplotlib", why="--png")
+    if not a.no_fabric and (problem := fabric_unavailable()):
+        p.error(f"{problem}; run with --no-fabric for loopback only")
     if a.replot:
         plot(json.loads(Path(a.json).read_text())["results"], a.png)
         return
     from bench.fabric import Fabric
-    from trainer.parallel.launch import run_local
+    from trainer.parallel.spawn import run_local
 
     results = {}
     print("loopback:", flush=True)
@@ -294,8 +330,13 @@ def main() -> None:
         a.set,
         ffn=a.ffn,
     )
-    out = {"model": MODEL + a.set, "ffn": a.ffn, "ranks": 4, "steps": a.steps,
-           "paper_throughput": PAPER}  # fmt: skip
+    out = {
+        "model": MODEL + a.set,
+        "ffn": a.ffn,
+        "ranks": 4,
+        "steps": a.steps,
+        "paper_throughput": PAPER,
+    }
     if not a.no_fabric:
         first = results["loopback"][0]
         mbit = float(a.intra_mbit) if a.intra_mbit != "auto" else auto_rate(first, a.set)
@@ -311,20 +352,24 @@ def main() -> None:
     out["results"] = results
     out["exposed_falls"] = {net: exposed_falls(rows) for net, rows in results.items()}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
+    write_json_atomic(a.json, out)
     if a.png:
         plot(results, a.png)
-    header = ("row | network | step | vs row 1 | throughput | paper | exposed comm | overlap "
-              "| idle cores | bytes")  # fmt: skip
+    header = (
+        "row | network | step | vs row 1 | throughput | paper | exposed comm | overlap "
+        "| idle cores | bytes"
+    )
     print(f"\n| {header} |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for net, rows in results.items():
         for r, paper in zip(rows, PAPER, strict=True):
-            print(f"| {r['row']} | {net} | {r['step_s'] * 1e3:.1f} ms | {r['step_ratio']:.2f} "
-                  f"| {r['throughput']:.2f} | {paper if paper else '-'} "
-                  f"| {r['exposed_s'] * 1e3:.1f} ms | {100 * r['overlap_ratio']:.0f} % "
-                  f"| {r['idle_core_s'] * 1e3:.0f} ms "
-                  f"| {r['bytes_per_rank'] / 2**20:.2f} MiB |")  # fmt: skip
+            print(
+                f"| {r['row']} | {net} | {r['step_s'] * 1e3:.1f} ms | {r['step_ratio']:.2f} "
+                f"| {r['throughput']:.2f} | {paper if paper else '-'} "
+                f"| {r['exposed_s'] * 1e3:.1f} ms | {100 * r['overlap_ratio']:.0f} % "
+                f"| {r['idle_core_s'] * 1e3:.0f} ms "
+                f"| {r['bytes_per_rank'] / 2**20:.2f} MiB |"
+            )
 
 
 if __name__ == "__main__":

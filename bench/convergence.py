@@ -11,8 +11,9 @@ backward all-gathers are the FP8 ones).
 
 Trains configs/tiny.toml on the demo corpus twice from the same seed and
 reports the largest gap between the two loss curves smoothed over 20 steps,
-the final losses and the bytes of the compressed collectives. The PNG plots
-both curves and their difference (needs matplotlib: ``pip install matplotlib``).
+the final losses and the bytes of the compressed collectives. ``--png`` plots
+both curves and their difference (needs matplotlib: ``pip install -e '.[bench]'``,
+checked before the first run starts); without it nothing is plotted.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._deps import require, require_corpus
+from trainer.atomic import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 WINDOW = 20
@@ -47,8 +53,8 @@ SETTINGS = {
 def train(data: str, steps: int, sets: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         summary = Path(tmp) / "s.json"
-        cmd = [sys.executable, "-m", "service.cli", "train", "--config", "configs/tiny.toml",
-               "--nproc", "4", "--summary-json", str(summary)]  # fmt: skip
+        cmd = [sys.executable, "-m", "service.cli", "train", "--config", "configs/tiny.toml"]
+        cmd += ["--nproc", "4", "--summary-json", str(summary)]
         for s in (f"data.path={data}", f"train.steps={steps}", "observe.log_interval=50", *sets):
             cmd += ["--set", s]
         subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
@@ -74,8 +80,13 @@ def compare(fp32: list[float], bf16: list[float]) -> dict:
     }
 
 
-def plot(fp32: list[float], bf16: list[float], path: str, labels=SETTINGS["grad_sync"]["labels"],
-         title: str = "tiny MoE, dp=2 x n=2, Python stdlib text") -> None:  # fmt: skip
+def plot(
+    fp32: list[float],
+    bf16: list[float],
+    path: str,
+    labels=SETTINGS["grad_sync"]["labels"],
+    title: str = "tiny MoE, dp=2 x n=2, Python stdlib text",
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,14 +114,18 @@ def main() -> None:
     p.add_argument("--what", choices=sorted(SETTINGS), default="grad_sync")
     p.add_argument("--data", default="data/demo")
     p.add_argument("--json", default=None, help="default bench/results/convergence[_fp8].json")
-    p.add_argument("--png", default=None, help="default docs/convergence_<what>.png")
+    p.add_argument("--png", default=None, help="plot to this file (e.g. docs/convergence_fp8.png)")
     a = p.parse_args()
+    if a.png:
+        require("matplotlib", why="--png")
+    require_corpus(a.data)
     setting = SETTINGS[a.what]
     suffix = "" if a.what == "grad_sync" else f"_{a.what}"
     json_path = a.json or f"bench/results/convergence{suffix}.json"
-    png_path = a.png or f"docs/convergence_{a.what}.png"
-    runs = {name: train(a.data, a.steps, setting["layout"] + sets)
-            for name, sets in setting["runs"].items()}  # fmt: skip
+    runs = {
+        name: train(a.data, a.steps, setting["layout"] + sets)
+        for name, sets in setting["runs"].items()
+    }
     (base, base_run), (comp, comp_run) = runs.items()
     full, compressed = base_run["losses"], comp_run["losses"]
     result = {
@@ -122,10 +137,11 @@ def main() -> None:
         "losses": {base: full, comp: compressed},
     }
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(json_path).write_text(json.dumps(result, indent=1) + "\n")
+    write_json_atomic(json_path, result)
     short = " ".join(o.split(".", 1)[1] for o in setting["layout"])
-    title = f"tiny MoE ({short}), Python stdlib text"
-    plot(full, compressed, png_path, setting["labels"], title)
+    if a.png:
+        title = f"tiny MoE ({short}), Python stdlib text"
+        plot(full, compressed, a.png, setting["labels"], title)
     print(json.dumps({k: v for k, v in result.items() if k != "losses"}, indent=1))
 
 

@@ -58,21 +58,34 @@ def _netem_available() -> bool:
     probe = f"{PREFIX}probe"
     _sh("ip", "netns", "add", probe)
     try:
-        res = _sh("tc", "-n", probe, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1us",
-                  check=False)  # fmt: skip
+        res = _sh(*f"tc -n {probe} qdisc add dev lo root netem delay 1us".split(), check=False)
         return res.returncode == 0
     finally:
         _sh("ip", "netns", "del", probe, check=False)
 
 
+def unavailable() -> str | None:
+    """Why the fabric cannot be built here (None if it can): checked before a run starts."""
+    if os.geteuid() != 0:
+        return "the fabric needs root (network namespaces and tc)"
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return f"the fabric needs `{tool}` (Debian package iproute2)"
+    return None
+
+
 class Fabric:
-    def __init__(self, nodes: int, ranks_per_node: int, intra_mbit: float, inter_mbit: float,
-                 latency_us: float = 0.0) -> None:  # fmt: skip
-        if os.geteuid() != 0:
-            raise FabricError("the fabric needs root (network namespaces and tc)")
-        for tool in ("ip", "tc"):
-            if shutil.which(tool) is None:
-                raise FabricError(f"the fabric needs `{tool}` (Debian package iproute2)")
+    def __init__(
+        self,
+        nodes: int,
+        ranks_per_node: int,
+        intra_mbit: float,
+        inter_mbit: float,
+        latency_us: float = 0.0,
+    ) -> None:
+        problem = unavailable()
+        if problem:
+            raise FabricError(problem)
         self.nodes, self.per_node = nodes, ranks_per_node
         self.intra, self.inter, self.latency = intra_mbit, inter_mbit, latency_us
         self.switch = f"{PREFIX}sw"
@@ -107,18 +120,16 @@ class Fabric:
 
     def _shape(self, ns: str, dev: str, mbit: float) -> None:
         burst = max(32, int(mbit * 1e6 / 8 / 250 / 1024))  # ~4 ms of traffic, in KiB
+        qdisc = f"tc -n {ns} qdisc add dev {dev}"
+        tbf = f"tbf rate {mbit}mbit burst {burst}kb latency 50ms"
         if self.netem and self.latency > 0:
-            _sh("tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "handle", "1:", "netem",
-                "delay", f"{self.latency}us")  # fmt: skip
-            _sh("tc", "-n", ns, "qdisc", "add", "dev", dev, "parent", "1:", "handle", "2:", "tbf",
-                "rate", f"{mbit}mbit", "burst", f"{burst}kb", "latency", "50ms")  # fmt: skip
+            _sh(*f"{qdisc} root handle 1: netem delay {self.latency}us".split())
+            _sh(*f"{qdisc} parent 1: handle 2: {tbf}".split())
         else:
-            _sh("tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{mbit}mbit",
-                "burst", f"{burst}kb", "latency", "50ms")  # fmt: skip
+            _sh(*f"{qdisc} root {tbf}".split())
 
     def _link(self, ns_a: str, dev_a: str, ns_b: str, dev_b: str, mbit: float) -> None:
-        _sh("ip", "link", "add", dev_a, "netns", ns_a, "type", "veth", "peer", "name", dev_b,
-            "netns", ns_b)  # fmt: skip
+        _sh(*f"ip link add {dev_a} netns {ns_a} type veth peer name {dev_b} netns {ns_b}".split())
         for ns, dev in ((ns_a, dev_a), (ns_b, dev_b)):
             _sh("ip", "-n", ns, "link", "set", dev, "up")
             self._shape(ns, dev, mbit)
@@ -127,8 +138,10 @@ class Fabric:
         if self.latency > 0:
             self.netem = _netem_available()
             if not self.netem:
-                print("fabric: tc netem is not available in this kernel: no added latency",
-                      file=sys.stderr)  # fmt: skip
+                print(
+                    "fabric: tc netem is not available in this kernel: no added latency",
+                    file=sys.stderr,
+                )
         _sh("ip", "netns", "add", self.switch)
         _sh("ip", "-n", self.switch, "link", "set", "lo", "up")
         for node in range(self.nodes):
@@ -143,8 +156,7 @@ class Fabric:
             _sh("ip", "netns", "add", ns)
             _sh("ip", "-n", ns, "link", "set", "lo", "up")
             self._link(ns, "eth0", self.switch, f"p{rank}", self.intra)
-            _sh("ip", "-n", self.switch, "link", "set", f"p{rank}", "master",
-                f"br{rank // self.per_node}")  # fmt: skip
+            _sh(*f"ip -n {self.switch} link set p{rank} master br{rank // self.per_node}".split())
             _sh("ip", "-n", ns, "addr", "add", f"{self.address(rank)}/16", "dev", "eth0")
 
     def address(self, rank: int) -> str:
@@ -159,10 +171,10 @@ class Fabric:
         with tempfile.TemporaryDirectory() as out:
             procs = []
             for rank in range(world):
-                cmd = ["ip", "netns", "exec", self.rank_ns[rank], sys.executable, __file__,
-                       "--rank-entry", target, "--rank", str(rank), "--world", str(world),
-                       "--master", f"{self.address(0)}:{port}", "--out", out,
-                       "--kwargs", json.dumps(kwargs)]  # fmt: skip
+                cmd = ["ip", "netns", "exec", self.rank_ns[rank], sys.executable, __file__]
+                cmd += ["--rank-entry", target, "--rank", str(rank), "--world", str(world)]
+                cmd += ["--master", f"{self.address(0)}:{port}", "--out", out]
+                cmd += ["--kwargs", json.dumps(kwargs)]
                 env = {**os.environ, "GLOO_SOCKET_IFNAME": "eth0", "PYTHONPATH": str(ROOT)}
                 procs.append(subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True))
             deadline = time.monotonic() + timeout
@@ -192,8 +204,9 @@ def _rank_entry(a) -> None:
     torch.set_num_threads(1)
     module, fn = a.rank_entry.split(":")
     func = getattr(importlib.import_module(module), fn)
-    dist.init_process_group("gloo", init_method=f"tcp://{a.master}", rank=a.rank,
-                            world_size=a.world)  # fmt: skip
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://{a.master}", rank=a.rank, world_size=a.world
+    )
     try:
         result = func(a.rank, a.world, **json.loads(a.kwargs))
         torch.save(result, Path(a.out) / f"rank{a.rank}.pt")
@@ -238,11 +251,13 @@ def main() -> None:
         return
     if not a.check:
         p.error("use --check (or import Fabric from this module)")
+    if problem := unavailable():
+        p.exit(2, f"fabric.py: error: {problem}\n")
     with Fabric(2, 2, a.intra_mbit, a.inter_mbit, a.latency_us) as fab:
         same = fab.run("bench.fabric:bandwidth_probe", 4, {"peer": 1})[0]
         cross = fab.run("bench.fabric:bandwidth_probe", 4, {"peer": 2})[0]
-    print(json.dumps({"intra_node_MBps": same, "inter_node_MBps": cross,
-                      "intra_mbit": a.intra_mbit, "inter_mbit": a.inter_mbit}))  # fmt: skip
+    rates = {"intra_mbit": a.intra_mbit, "inter_mbit": a.inter_mbit}
+    print(json.dumps({"intra_node_MBps": same, "inter_node_MBps": cross, **rates}))
 
 
 if __name__ == "__main__":

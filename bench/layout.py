@@ -14,7 +14,6 @@ loopback: "exposed" also includes waiting for slower ranks.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -25,27 +24,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 import torch.distributed as dist
 
+from trainer.atomic import write_json_atomic
 from trainer.config import Config, apply_overrides
+from trainer.parallel.comm import Comms
 from trainer.parallel.dims import ParallelDims
-from trainer.parallel.launch import build_comms, run_local
 from trainer.parallel.model import build_parallel_model
 from trainer.parallel.pipeline import StageRunner
+from trainer.parallel.spawn import run_local
 from trainer.parallel.step import parallel_train_step
 from trainer.parallel.zero import ZeroOptimizer
 
 LAYOUTS = [("tp", "tp"), ("sp", "tp"), ("tp", "ep_a2a"), ("sp", "ep_a2a"), ("sp", "ep_agrs")]
-MODEL = [
-    "model.vocab_size=512", "model.hidden=256", "model.heads=8", "model.kv_heads=4",
-    "model.ffn_hidden=512", "model.experts=8", "model.topk=2", "model.seq_len=512",
-    "model.layers=2", "train.global_batch=4", "parallel.n=4",
-]  # fmt: skip
+MODEL = (
+    "model.vocab_size=512 model.hidden=256 model.heads=8 model.kv_heads=4 model.ffn_hidden=512 "
+    "model.experts=8 model.topk=2 model.seq_len=512 model.layers=2 train.global_batch=4 "
+    "parallel.n=4"
+).split()
 
 
 def _bench(rank, world, attention, ffn, steps, warmup):
     cfg = apply_overrides(
         Config(), [*MODEL, f"parallel.attention={attention}", f"parallel.ffn={ffn}"]
     )
-    comms = build_comms(ParallelDims.build(cfg, rank, world))
+    comms = Comms.from_dims(ParallelDims.build(cfg, rank, world))
     comm = comms.n
     model = build_parallel_model(cfg, comm, rank, torch.device("cpu"))
     optimizer = ZeroOptimizer(model, cfg.train, comms.n, comms.dp, cfg.comm.grad_sync)
@@ -98,7 +99,7 @@ def main() -> None:
         row["exposed_ratio"] = row["exposed_s"] / base["exposed_s"]
     result = {"model": MODEL, "ranks": 4, "threads_per_rank": 1, "steps": args.steps, "rows": rows}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    write_json_atomic(args.json, result)
     print("\n| layout | step time | ratio | bytes/rank/step | ratio | exposed comm | ratio |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

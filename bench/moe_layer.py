@@ -17,7 +17,6 @@ as a ratio (roofline / measured = the share of GEMM speed the layer reaches).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -28,18 +27,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 import torch.distributed as dist
 
+from trainer.atomic import write_json_atomic
 from trainer.parallel import moe
 from trainer.parallel.block import LayerCtx
 from trainer.parallel.comm import Comm
-from trainer.parallel.launch import run_local
+from trainer.parallel.spawn import run_local
 
 
 def _ctx(comm, rank, world, a):
     return LayerCtx(
-        comm=comm, n=world, rank=rank, attention="sp", ffn_mode=a.mode, seq_len=a.tokens * world,
-        heads=world, kv_heads=world, head_dim=1, experts=a.experts, topk=a.topk, norm_topk=False,
-        capacity_factor=a.capacity_factor, balance_coef=0.01, rope_theta=1e4, eps=1e-5,
-    )  # fmt: skip
+        comm=comm,
+        n=world,
+        rank=rank,
+        attention="sp",
+        ffn_mode=a.mode,
+        seq_len=a.tokens * world,
+        heads=world,
+        kv_heads=world,
+        head_dim=1,
+        experts=a.experts,
+        topk=a.topk,
+        norm_topk=False,
+        capacity_factor=a.capacity_factor,
+        balance_coef=0.01,
+        rope_theta=1e4,
+        eps=1e-5,
+    )
 
 
 def _layer_step(ctx, x, router_w, w1, w3, w2):
@@ -93,9 +106,8 @@ def _run(rank, world, a):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for flag, default in (("--hidden", 512), ("--ffn", 1024), ("--experts", 8), ("--topk", 2),
-                          ("--tokens", 4096), ("--ep", 2), ("--warmup", 3), ("--steps", 10),
-                          ("--threads", 1)):  # fmt: skip
+    sizes = {"--hidden": 512, "--ffn": 1024, "--experts": 8, "--topk": 2, "--tokens": 4096}
+    for flag, default in {**sizes, "--ep": 2, "--warmup": 3, "--steps": 10, "--threads": 1}.items():
         p.add_argument(flag, type=int, default=default)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--mode", choices=["ep_a2a", "ep_agrs"], default="ep_a2a")
@@ -126,7 +138,7 @@ def main() -> None:
     )
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
+        write_json_atomic(a.json, result)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,24 @@
-"""The MoE-layer benchmark runs end to end at toy size and writes its JSON (no timing asserted)."""
+"""The benchmarks run end to end at toy size and write their JSON (no timing asserted), and
+check what they need before they start."""
 
 import json
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 from tests.e2e.conftest import ROOT
+
+
+@pytest.fixture
+def no_matplotlib(tmp_path):
+    """An environment in which ``import matplotlib`` fails, installed or not."""
+    shim = tmp_path / "shim" / "matplotlib"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('matplotlib blocked by the test')\n")
+    return {**os.environ, "PYTHONPATH": str(shim.parent)}
 
 
 @pytest.mark.timeout(120)
@@ -15,8 +27,11 @@ def test_moe_layer_benchmark_writes_json(tmp_path):
     args = "--hidden 32 --ffn 64 --experts 4 --topk 2 --tokens 64 --ep 2 --warmup 1 --steps 2"
     res = subprocess.run(
         [sys.executable, "bench/moe_layer.py", *args.split(), "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=110,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     result = json.loads(out.read_text())
     assert len(result["step_times_s"]) == 2
@@ -25,16 +40,21 @@ def test_moe_layer_benchmark_writes_json(tmp_path):
 
 
 @pytest.mark.timeout(240)
-def test_ablation_ladder_runs_every_row_and_writes_json(tmp_path):
-    # Toy shapes on loopback only (the fabric needs root and has its own integration test).
+def test_ablation_ladder_runs_every_row_and_writes_json(tmp_path, no_matplotlib):
+    # Toy shapes on loopback only (the fabric needs root and has its own integration test);
+    # no --png, so nothing is plotted and matplotlib (blocked here) is never needed.
     out = tmp_path / "ablation.json"
-    toy = ["model.hidden=64", "model.ffn_hidden=64", "model.seq_len=64", "model.layers=1",
-           "model.vocab_size=128"]  # fmt: skip
+    toy = "model.hidden=64 model.ffn_hidden=64 model.seq_len=64 model.layers=1 model.vocab_size=128"
+    args = ["--steps", "2", "--warmup", "1", "--no-fabric", "--json", str(out)]
+    args += [arg for t in toy.split() for arg in ("--set", t)]
     res = subprocess.run(
-        [sys.executable, "bench/ablation.py", "--steps", "2", "--warmup", "1", "--no-fabric",
-         "--png", "", "--json", str(out), *[arg for t in toy for arg in ("--set", t)]],
-        cwd=ROOT, capture_output=True, text=True, timeout=230,
-    )  # fmt: skip
+        [sys.executable, "bench/ablation.py", *args],
+        cwd=ROOT,
+        env=no_matplotlib,
+        capture_output=True,
+        text=True,
+        timeout=230,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     result = json.loads(out.read_text())
     rows = result["results"]["loopback"]
@@ -46,3 +66,44 @@ def test_ablation_ladder_runs_every_row_and_writes_json(tmp_path):
     assert set(result["exposed_falls"]["loopback"]) == {"+ inter-op overlap", "+ intra-op chunks"}
     assert "ep_dispatch" in rows[1]["exposed_by_tag_s"]
     assert "| tp+tp, no overlap | loopback |" in res.stdout
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench/ablation.py", "--steps", "10", "--warmup", "2", "--no-fabric"],
+        ["bench/convergence.py", "--steps", "300", "--data", "no/such/corpus"],
+    ],
+    ids=["ablation", "convergence"],
+)
+def test_a_plot_without_matplotlib_fails_before_any_training(tmp_path, no_matplotlib, argv):
+    out = tmp_path / "result.json"
+    start = time.monotonic()
+    res = subprocess.run(
+        [sys.executable, *argv, "--json", str(out), "--png", str(tmp_path / "plot.png")],
+        cwd=ROOT,
+        env=no_matplotlib,
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert time.monotonic() - start < 20  # the argument check, not a ladder: no torch run
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert "--png needs matplotlib" in lines[0] and "pip install -e '.[bench]'" in lines[0]
+    assert not out.exists() and res.stdout == ""
+
+
+@pytest.mark.timeout(60)
+def test_pipeline_benchmark_without_a_corpus_fails_at_once(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "bench/pipeline.py", "--data", str(tmp_path / "none")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "no prepared corpus" in res.stderr and "make demo" in res.stderr

@@ -22,8 +22,18 @@ def test_tiny_config_trains_and_loss_falls_below_60_percent(demo_data, tmp_path)
     assert res.returncode == 0, res.stderr
     assert "step 200/200" in res.stdout and "MFU" in res.stdout
     s = json.loads(summary_path.read_text())
-    for key in ("steps", "tokens", "losses", "final_loss", "tokens_per_s", "mfu", "step_time_s",
-                "peak_memory_bytes", "layout", "comm"):  # fmt: skip
+    for key in (
+        "steps",
+        "tokens",
+        "losses",
+        "final_loss",
+        "tokens_per_s",
+        "mfu",
+        "step_time_s",
+        "peak_memory_bytes",
+        "layout",
+        "comm",
+    ):
         assert key in s, key
     assert s["steps"] == 200 and len(s["losses"]) == 200
     assert s["tokens"] == 200 * 16 * 128
@@ -37,10 +47,20 @@ def test_tiny_config_trains_and_loss_falls_below_60_percent(demo_data, tmp_path)
 def test_reference_with_router_groups_and_dropping(demo_data, tmp_path):
     summary_path = tmp_path / "summary.json"
     res = megamoe(
-        "train", "--config", "configs/tiny.toml", "--set", f"data.path={demo_data}",
-        "--set", "train.steps=3", "--set", "parallel.n=4", "--set", "model.capacity_factor=1.0",
-        "--summary-json", str(summary_path),
-    )  # fmt: skip
+        "train",
+        "--config",
+        "configs/tiny.toml",
+        "--set",
+        f"data.path={demo_data}",
+        "--set",
+        "train.steps=3",
+        "--set",
+        "parallel.n=4",
+        "--set",
+        "model.capacity_factor=1.0",
+        "--summary-json",
+        str(summary_path),
+    )
     assert res.returncode == 0, res.stderr
     s = json.loads(summary_path.read_text())
     assert s["layout"]["n"] == 4 and "reference of n=4" in res.stdout

@@ -60,9 +60,18 @@ def test_world_size_mismatch_fails_before_any_rank_starts(demo_data):
 @pytest.mark.timeout(60)
 def test_kv_heads_not_divisible_names_the_numbers(demo_data):
     res = megamoe(
-        "train", "--config", "configs/tiny.toml", "--nproc", "2", "--set", "parallel.n=2",
-        "--set", "model.kv_heads=1", "--set", "model.heads=8",
-    )  # fmt: skip
+        "train",
+        "--config",
+        "configs/tiny.toml",
+        "--nproc",
+        "2",
+        "--set",
+        "parallel.n=2",
+        "--set",
+        "model.kv_heads=1",
+        "--set",
+        "model.heads=8",
+    )
     assert "model.kv_heads = 1 is not divisible by parallel.n = 2" in one_line_error(res)
 
 
@@ -136,8 +145,16 @@ def test_pipelined_layouts_match_the_reference(demo_data, tmp_path, nproc, layou
     pipe = par["pipeline"]
     replicas = 2 if "parallel.dp=2" in layout else 1
     assert pipe["stages"] == 2 and pipe["micro_batches"] == 16 // (4 * replicas)
-    assert pipe["bubble_theory"] == pytest.approx(1 / (pipe["micro_batches"] + 1))
-    assert 0 < pipe["bubble_measured"] < 1  # its accuracy is a benchmark: bench/pipeline.py
+    P, M = pipe["stages"], pipe["micro_batches"]
+    assert pipe["bubble_theory"] == pytest.approx((P - 1) / (M + P - 1))
+    # The measured 1F1B bubble within 0.1 (absolute) of the closed form. On a 2-core machine
+    # (gloo, 4 or 8 ranks, 3 runs of each layout here) it measured 0.188-0.252 at M = 4
+    # (theory 0.200) and 0.326-0.359 at M = 2 (0.333); bench/results/pipeline.json stays
+    # within 0.074 up to M = 8 (blocking transfers count as waiting, so it runs above the
+    # theory as M grows). A serialized schedule, one stage busy at a time, measures
+    # (P-1)/P = 0.5, 0.3 resp. 0.17 away; a bubble not measured at all (0) is 0.2-0.33 away.
+    # GPipe's closed form equals 1F1B's (1F1B saves memory, not time): no bubble check tells.
+    assert pipe["bubble_measured"] == pytest.approx(pipe["bubble_theory"], abs=0.1)
     # rank 0 (stage 0) sends each micro-batch's activations [4, 128 / n, 128] in fp32 once
     sent = STEPS * pipe["micro_batches"] * 4 * (128 // 2) * 128 * 4
     assert par["comm_bytes_by_tag"]["pp_act"] == sent
@@ -148,8 +165,15 @@ def test_short_convergence_bf16_a2a_tracks_fp32_rs(demo_data, tmp_path):
     """The short version of bench/convergence.py: 40 steps at dp = 2, same seed and data."""
     runs = {}
     for gs in ("fp32_rs", "bf16_a2a"):
-        _, s = _train(demo_data, tmp_path, 2, "parallel.n=1", "parallel.dp=2", "train.steps=40",
-                      f"comm.grad_sync={gs}")  # fmt: skip
+        _, s = _train(
+            demo_data,
+            tmp_path,
+            2,
+            "parallel.n=1",
+            "parallel.dp=2",
+            "train.steps=40",
+            f"comm.grad_sync={gs}",
+        )
         runs[gs] = s["losses"]
     assert len(runs["fp32_rs"]) == 40
     assert runs["fp32_rs"][-1] < 0.8 * runs["fp32_rs"][0]  # it is learning
@@ -179,9 +203,18 @@ def test_short_convergence_fp8_tracks_full_precision(demo_data, tmp_path):
     """The short version of bench/convergence.py --what fp8: 40 steps at n = 2, AG/RS experts."""
     runs = {}
     for fp8 in ("false", "true"):
-        _, s = _train(demo_data, tmp_path, 2, "parallel.n=2", "parallel.ffn=ep_agrs",
-                      "comm.overlap=true", "train.steps=40", f"comm.fp8={fp8}")  # fmt: skip
+        _, s = _train(
+            demo_data,
+            tmp_path,
+            2,
+            "parallel.n=2",
+            "parallel.ffn=ep_agrs",
+            "comm.overlap=true",
+            "train.steps=40",
+            f"comm.fp8={fp8}",
+        )
         runs[fp8] = s
     assert runs["true"]["comm_bytes_by_tag"]["fp8_scales"] > 0  # FP8 really travelled
+    assert runs["true"]["fp8_nonfinite"] == 0
     assert runs["true"]["losses"][-1] < 0.8 * runs["true"]["losses"][0]
     assert _smoothed_gap(runs["false"]["losses"], runs["true"]["losses"]) < 0.02

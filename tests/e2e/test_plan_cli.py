@@ -9,9 +9,13 @@ from trainer import config
 from trainer.parallel.dims import check_layout
 
 FIELDS = (
-    "tokens_per_s", "seconds_per_iteration", "mfu", "exposed_comm_s", "memory_per_gpu_bytes",
+    "tokens_per_s",
+    "seconds_per_iteration",
+    "mfu",
+    "exposed_comm_s",
+    "memory_per_gpu_bytes",
     "layout",
-)  # fmt: skip
+)
 
 
 @pytest.mark.timeout(120)
@@ -33,17 +37,32 @@ def test_json_predicts_both_systems_for_the_papers_cluster():
 def test_table_is_readable():
     res = megamoe("plan", "--config", "configs/internal-352b.toml", "--gpus", "240")
     assert res.returncode == 0, res.stderr
-    for text in ("240 x H800", "megamoe", "megatron", "tokens / s", "MFU", "memory / GPU",
-                 "pipeline bubble", "speed-up megamoe / megatron"):  # fmt: skip
+    for text in (
+        "240 x H800",
+        "megamoe",
+        "megatron",
+        "tokens / s",
+        "MFU",
+        "memory / GPU",
+        "pipeline bubble",
+        "speed-up megamoe / megatron",
+    ):
         assert text in res.stdout, text
 
 
 @pytest.mark.timeout(120)
 def test_search_for_mixtral_on_64_h100_returns_a_layout_the_trainer_accepts():
     res = megamoe(
-        "plan", "--search", "--config", "configs/mixtral-8x7b.toml", "--gpus", "64",
-        "--gpu", "H100", "--json",
-    )  # fmt: skip
+        "plan",
+        "--search",
+        "--config",
+        "configs/mixtral-8x7b.toml",
+        "--gpus",
+        "64",
+        "--gpu",
+        "H100",
+        "--json",
+    )
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     overrides = out["search"]["overrides"]
@@ -56,7 +75,7 @@ def test_search_for_mixtral_on_64_h100_returns_a_layout_the_trainer_accepts():
 
     text = megamoe(
         "plan", "--search", "--config", "configs/mixtral-8x7b.toml", "--gpus", "64", "--gpu", "H100"
-    )  # fmt: skip
+    )
     assert text.returncode == 0, text.stderr
     assert "best:" in text.stdout and "why:" in text.stdout and "--set parallel.n=" in text.stdout
 
