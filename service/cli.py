@@ -48,7 +48,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         train(cfg, summary_path=args.summary_json)
     else:
-        from trainer.parallel.launch import launch
+        from trainer.launch import launch
 
         launch(cfg, args.nproc, args.summary_json)
     return 0

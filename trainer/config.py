@@ -26,7 +26,8 @@ from trainer.errors import ConfigError
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of the MoE transformer (PAPER.md section 6 vocabulary)."""
+    """Architecture of the MoE transformer (the vocabulary of MegaScale-MoE (arXiv 2505.11432),
+    Table 2)."""
 
     vocab_size: int = 512
     hidden: int = 128
@@ -58,6 +59,14 @@ class ModelConfig:
     @property
     def shared_hidden(self) -> int:
         return self.shared_ffn_hidden or self.ffn_hidden
+
+
+def resolve_ffn(ffn: str, topk: int, n: int) -> str:
+    """The FFN mode a layout runs: ``auto`` is all-to-all when k < n (its volume is 2k/n
+    of all-gather/reduce-scatter's), else all-gather/reduce-scatter."""
+    if ffn != "auto":
+        return ffn
+    return "ep_a2a" if topk < n else "ep_agrs"
 
 
 @dataclass(frozen=True)
@@ -130,6 +139,11 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     observe: ObserveConfig = field(default_factory=ObserveConfig)
+
+    @property
+    def ffn_mode(self) -> str:
+        """parallel.ffn with ``auto`` resolved for this model and n."""
+        return resolve_ffn(self.parallel.ffn, self.model.topk, self.parallel.n)
 
     @property
     def micro_batch_size(self) -> int:
@@ -329,8 +343,9 @@ def _validate_layout(cfg: Config) -> None:
         "(each of the n ranks holds whole experts)",
     )
     _require(
-        m.layers >= p.pp,
-        f"model.layers = {m.layers} must be >= parallel.pp = {p.pp} (one layer per stage at least)",
+        m.layers % p.pp == 0,
+        f"model.layers = {m.layers} must be divisible by parallel.pp = {p.pp} "
+        "(every pipeline stage holds the same number of layers)",
     )
     _require(
         cfg.comm.chunks <= m.seq_len,

@@ -15,3 +15,7 @@ class ConfigError(MegamoeError, ValueError):
 
 class DataError(MegamoeError):
     """A corpus or prepared token directory is missing, empty or corrupt."""
+
+
+class CheckpointError(MegamoeError):
+    """A checkpoint is missing, damaged, or does not fit the configured model."""

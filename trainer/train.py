@@ -12,18 +12,16 @@ This file wires and loops; the parts live in model/, data/ and observe/.
 
 from __future__ import annotations
 
-import json
 import math
 import resource
 import statistics
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 
+from trainer.atomic import write_json_atomic
 from trainer.config import Config, TrainConfig
 from trainer.data import BatchSampler, TokenData, batch_from_starts
 from trainer.errors import ConfigError
@@ -31,6 +29,7 @@ from trainer.model import MoETransformer, flops_per_token, lm_loss, total_params
 from trainer.model.flops import activated_gemm_params
 from trainer.observe.mfu import peak_flops
 from trainer.observe.progress import RunLog, StepRecord
+from trainer.runtime import StepResult, Worker, pick_device
 
 
 def lr_at(step: int, t: TrainConfig) -> float:
@@ -40,14 +39,6 @@ def lr_at(step: int, t: TrainConfig) -> float:
     span = max(t.steps - t.warmup_steps, 1)
     progress = min((step - t.warmup_steps) / span, 1.0)
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-def pick_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device = 'cuda' but no CUDA device is available")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
 
 
 def build_model(cfg: Config, device: torch.device) -> MoETransformer:
@@ -75,19 +66,6 @@ def open_data(cfg: Config) -> TokenData:
             f"{cfg.data.path} ({data.vocab_size}, tokenizer {data.tokenizer_name})"
         )
     return data
-
-
-@dataclass
-class StepResult:
-    loss: float
-    balance_loss: float
-    grad_norm: float
-    dropped: int
-    assignments: int
-    skipped: bool
-    bubble: float | None = None  # measured pipeline bubble fraction (pipelined runs)
-    comm_s: float | None = None  # this rank's collective seconds in the step
-    exposed_s: float | None = None  # of which the compute thread was blocked
 
 
 def train_step(
@@ -176,18 +154,6 @@ def train(cfg: Config, summary_path: str | None = None, out: TextIO = sys.stdout
     return run(cfg, Worker(rank=0, world=1, device=device, peak_flops=peak), summary_path, out)
 
 
-@dataclass
-class Worker:
-    """Where this process sits: rank, world size, device, and the run's total peak FLOP/s."""
-
-    rank: int
-    world: int
-    device: torch.device
-    peak_flops: float
-    dims: Any = None  # trainer.parallel.dims.ParallelDims when world > 1
-    comms: Any = None  # trainer.parallel.step.Comms when world > 1
-
-
 def _build_step(cfg: Config, w: Worker):
     """Optimizer, step function and this rank's (replica rows, sequence columns) of a batch."""
     if w.world == 1:
@@ -261,13 +227,7 @@ def run(cfg: Config, w: Worker, summary_path: str | None, out: TextIO) -> dict[s
         seconds = time.perf_counter() - start
         if result.bubble is not None:
             bubbles.append(result.bubble)
-        log.add(
-            StepRecord(
-                step, result.loss, result.balance_loss, lr_at(step, cfg.train), result.grad_norm,
-                seconds, tokens_per_step, result.dropped, result.assignments, result.skipped,
-                result.comm_s, result.exposed_s,
-            )
-        )  # fmt: skip
+        log.add(StepRecord.of(step, result, lr_at(step, cfg.train), seconds, tokens_per_step))
     if hasattr(optimizer, "wait_params"):
         optimizer.wait_params()  # the last step's prefetched parameter gathers
     stats = w.comms.world.stats if w.comms else None
@@ -282,6 +242,7 @@ def run(cfg: Config, w: Worker, summary_path: str | None, out: TextIO) -> dict[s
         comm_per_step=stats.per_step(cfg.train.steps) if stats else {},
         comm_bytes_by_tag=dict(sorted(stats.tags.items())) if stats else {},
         comm_exposed_s_by_tag=dict(sorted(stats.tag_exposed.items())) if stats else {},
+        fp8_nonfinite=stats.nonfinite if stats else 0,
         device=str(w.device),
         dtype=cfg.train.dtype,
         data={"path": cfg.data.path, "tokens": data.num_tokens, "tokenizer": data.tokenizer_name},
@@ -291,7 +252,7 @@ def run(cfg: Config, w: Worker, summary_path: str | None, out: TextIO) -> dict[s
     if w.rank == 0:
         _print_done(summary, out)
         if summary_path:
-            write_json(summary_path, summary)
+            write_json_atomic(summary_path, summary)
     return summary
 
 
@@ -310,11 +271,13 @@ def _pipeline_summary(cfg: Config, bubbles: list[float]) -> dict[str, Any]:
 
 
 def _layout(cfg: Config, w: Worker) -> dict[str, Any]:
-    from trainer.parallel.dims import resolve_ffn_mode
-
-    mode = "reference" if w.world == 1 else "parallel"
-    return {**cfg.to_dict()["parallel"], "ffn_resolved": resolve_ffn_mode(cfg), "nproc": w.world,
-            "world": w.world, "mode": mode}  # fmt: skip
+    return {
+        **cfg.to_dict()["parallel"],
+        "ffn_resolved": cfg.ffn_mode,
+        "nproc": w.world,
+        "world": w.world,
+        "mode": "reference" if w.world == 1 else "parallel",
+    }
 
 
 def _print_done(summary: dict[str, Any], out: TextIO) -> None:
@@ -326,12 +289,10 @@ def _print_done(summary: dict[str, Any], out: TextIO) -> None:
         file=out,
         flush=True,
     )
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename), creating parent directories."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    tmp.replace(path)
+    if summary["fp8_nonfinite"]:
+        print(
+            f"warning: the FP8 codec met {summary['fp8_nonfinite']} non-finite values on rank 0 "
+            "(sent as NaN; those steps were skipped)",
+            file=out,
+            flush=True,
+        )

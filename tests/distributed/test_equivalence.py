@@ -9,8 +9,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.distributed.helpers import reference_and_parallel, run_ranks, small_config
-from trainer.parallel.model import Slicer, sync_replicated_grads
+from tests.distributed.helpers import (
+    reference_and_parallel,
+    run_ranks,
+    small_config,
+    sync_replicated_grads,
+)
+from trainer.parallel.model import Slicer
 
 COMBOS = [(a, f) for a in ("sp", "tp") for f in ("ep_a2a", "ep_agrs", "tp")]
 TOL = 1e-5

@@ -7,9 +7,8 @@ import torch
 import torch.distributed as dist
 
 from tests.distributed.helpers import run_ranks, small_config
-from trainer.parallel.comm import Comm
+from trainer.parallel.comm import Comm, Comms
 from trainer.parallel.dims import ParallelDims
-from trainer.parallel.launch import build_comms
 from trainer.parallel.model import build_parallel_model
 from trainer.parallel.pipeline import StageRunner
 from trainer.parallel.step import parallel_train_step
@@ -51,7 +50,7 @@ def test_bf16_all_to_all_sums_bf16_copies_in_fp32_with_half_the_bytes(world):
 def _skip_worker(rank, world):
     cfg = small_config(2, "parallel.dp=2", "train.global_batch=4")
     dims = ParallelDims.build(cfg, rank, world)
-    comms = build_comms(dims)
+    comms = Comms.from_dims(dims)
     model = build_parallel_model(cfg, comms.n, dims.n_index, torch.device("cpu"))
     opt = ZeroOptimizer(model, cfg.train, comms.n, comms.dp, cfg.comm.grad_sync)
     flat_ok = all(
@@ -64,8 +63,12 @@ def _skip_worker(rank, world):
         model.blocks[0].w1.register_hook(lambda g: g * math.nan)
     tokens = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(rank // 2))
     L = 8
-    batch = [(tokens[:, dims.n_index * L : (dims.n_index + 1) * L],
-              tokens[:, dims.n_index * L + 1 : (dims.n_index + 1) * L + 1])]  # fmt: skip
+    batch = [
+        (
+            tokens[:, dims.n_index * L : (dims.n_index + 1) * L],
+            tokens[:, dims.n_index * L + 1 : (dims.n_index + 1) * L + 1],
+        )
+    ]
     result = parallel_train_step(
         StageRunner(model, cfg, comms.pp, (None, None)), opt, batch, cfg, comms
     )

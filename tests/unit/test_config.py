@@ -70,6 +70,15 @@ def test_bad_choice_lists_the_allowed_values():
         config.apply_overrides(config.Config(), ["parallel.ffn=ep"])
 
 
+def test_pipeline_stages_must_divide_the_layers():
+    # One rule for the pipeline: every stage holds the same number of layers.
+    with pytest.raises(
+        ConfigError, match=r"model\.layers = 3 must be divisible by parallel\.pp = 2"
+    ):
+        config.apply_overrides(config.Config(), ["model.layers=3", "parallel.pp=2"])
+    assert config.apply_overrides(config.Config(), ["model.layers=4", "parallel.pp=2"])
+
+
 def test_experts_must_divide_over_n():
     with pytest.raises(ConfigError, match=r"model\.experts = 8 .* parallel\.n = 3"):
         config.apply_overrides(config.Config(), ["parallel.n=3"])

@@ -13,9 +13,16 @@ from trainer.model.router import route
 pytestmark = pytest.mark.timeout(120)
 
 SMALL = ModelConfig(
-    vocab_size=64, hidden=32, layers=2, heads=4, kv_heads=2, ffn_hidden=48, experts=8, topk=2,
+    vocab_size=64,
+    hidden=32,
+    layers=2,
+    heads=4,
+    kv_heads=2,
+    ffn_hidden=48,
+    experts=8,
+    topk=2,
     seq_len=16,
-)  # fmt: skip
+)
 
 
 def make_experts(seed=0):

@@ -1,4 +1,5 @@
-"""The performance model against the paper's numbers (PAPER.md section 7) and its own physics."""
+"""The performance model against the paper's numbers (MegaScale-MoE (arXiv 2505.11432), evaluation)
+and its own physics."""
 
 from dataclasses import replace
 from pathlib import Path
@@ -18,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 H800 = GPUS["H800"]
 BATCH = 720
 
-# GPUs: Megatron-LM tokens/s, MegaScale-MoE tokens/s, speed-up (PAPER.md section 7).
+# GPUs: Megatron-LM tokens/s, MegaScale-MoE tokens/s, speed-up
+# (MegaScale-MoE (arXiv 2505.11432), evaluation).
 PAPER = {
     240: (151.1e3, 272.9e3, 1.81),
     480: (301.1e3, 498.6e3, 1.65),

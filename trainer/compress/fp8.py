@@ -10,7 +10,7 @@ values onto E4M3's range: ``q = cast(x / s)``, ``x ~ q * s`` with
 * per token (one scale per row): the recipe for forward reductions, where
   each rank's partial sums are sent to the rank that owns the token, which
   decodes and sums them in FP32 (the FP8 all-to-all that replaces a BF16
-  reduce-scatter, PAPER.md section 5).
+  reduce-scatter, MegaScale-MoE (arXiv 2505.11432), communication compression).
 * per channel over groups of 128 tokens (one scale per column per group):
   the recipe for backward all-gathers of gradients, whose outliers sit in
   channels rather than tokens.

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from trainer.atomic import TMP_SUFFIX, write_json_atomic
 from trainer.data.dataset import (
     DTYPES,
     FORMAT_NAME,
@@ -54,14 +55,13 @@ from trainer.data.tokenizer import (
 )
 from trainer.errors import DataError
 
-_TMP_SUFFIX = ".tmp"
 _BLOCK_BYTES = 1 << 20
 # The only names a prepared directory may hold; anything else means the output
 # directory belongs to someone else and must not be clobbered.
 _OWNED_NAMES = frozenset(
     name + suffix
     for name in (MANIFEST_NAME, TOKENS_NAME, TOKENIZER_NAME)
-    for suffix in ("", _TMP_SUFFIX)
+    for suffix in ("", TMP_SUFFIX)
 )
 
 
@@ -101,7 +101,7 @@ def prepare_corpus(
         "include": include,
         "max_bytes": max_bytes,
     }
-    _write_json_atomic(output / MANIFEST_NAME, manifest)
+    write_json_atomic(output / MANIFEST_NAME, manifest, indent=2)
     return manifest
 
 
@@ -229,7 +229,7 @@ def _write_tokens(
         source_bytes += n
         bar.update(n)
 
-    tmp = output / (TOKENS_NAME + _TMP_SUFFIX)
+    tmp = output / (TOKENS_NAME + TMP_SUFFIX)
     with open(tmp, "wb") as fh, _bytes_bar(files, "tokenize", progress) as bar:
         for path, _ in files:
             for text in _iter_text_blocks(path, count):
@@ -285,13 +285,3 @@ def _iter_text_blocks(path: Path, on_bytes: Callable[[int], None]) -> Iterator[s
     tail = carry + decoder.decode(b"", final=True)
     if tail:
         yield tail
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + _TMP_SUFFIX)
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

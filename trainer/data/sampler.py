@@ -58,10 +58,6 @@ class BatchSampler:
         self._order_epoch = -1
         self._order = np.empty(0, dtype=np.int64)
 
-    @property
-    def batches_per_epoch(self) -> float:
-        return self.num_windows / self.batch_size
-
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Window indices of ``epoch`` in visiting order (a permutation of all windows)."""
         if epoch != self._order_epoch:

@@ -11,9 +11,9 @@ inputs are gathered through it, every expert runs one GEMM over its
 contiguous rows, and the outputs are written back through the same mapping
 and summed over the k slots. No Python loop ever runs over tokens.
 
-As in PAPER.md section 3 the gate weight multiplies right after SwiGLU, before
-FC2 (FC2 is linear, so the result equals weighting FC2's output): the combined
-output never has to be stored for backward.
+As in MegaScale-MoE (arXiv 2505.11432), EP section, the gate weight multiplies
+right after SwiGLU, before FC2 (FC2 is linear, so the result equals weighting
+FC2's output): the combined output never has to be stored for backward.
 """
 
 from __future__ import annotations

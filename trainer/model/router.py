@@ -1,6 +1,7 @@
 """Top-k softmax routing with device-level balance loss and per-device capacity.
 
-The recipe follows PAPER.md section 3 (DeepSeek-V2's device-level balancing):
+The recipe follows MegaScale-MoE (arXiv 2505.11432), EP section (DeepSeek-V2's
+device-level balancing):
 the experts are split into ``groups`` consecutive groups, one per EP rank
 (E / n experts each). A run with ``parallel.n = n`` routes with n groups even
 when it runs in one process, so the single-device reference makes exactly the

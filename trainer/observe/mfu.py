@@ -14,6 +14,7 @@ MFU = (model FLOPs per token, GEMMs + attention) * tokens/s / (devices * peak).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from trainer.atomic import write_json_atomic
 from trainer.errors import ConfigError
 
 # Dense peaks in TFLOP/s: (bf16, tf32) per GPU model.
@@ -90,13 +92,8 @@ def cpu_peak_flops(dtype: str) -> float:
         return float(cache[key])
     peak = probe_gemm_flops(dtype)
     cache[key] = peak
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cache, indent=1))
-        tmp.replace(path)
-    except OSError:
-        pass  # an unwritable cache only costs a re-probe next run
+    with contextlib.suppress(OSError):  # an unwritable cache only costs a re-probe next run
+        write_json_atomic(path, cache)
     return peak
 
 

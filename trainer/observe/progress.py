@@ -11,7 +11,10 @@ from __future__ import annotations
 import statistics
 import sys
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from trainer.runtime import StepResult
 
 
 @dataclass
@@ -28,6 +31,24 @@ class StepRecord:
     skipped: bool
     comm_s: float | None = None  # rank 0's collective seconds this step (multi-rank runs)
     exposed_s: float | None = None  # of which the compute thread waited
+
+    @classmethod
+    def of(cls, step: int, r: StepResult, lr: float, seconds: float, tokens: int) -> StepRecord:
+        """The record of optimizer step ``step`` from what the step function returned."""
+        return cls(
+            step,
+            r.loss,
+            r.balance_loss,
+            lr,
+            r.grad_norm,
+            seconds,
+            tokens,
+            r.dropped,
+            r.assignments,
+            r.skipped,
+            r.comm_s,
+            r.exposed_s,
+        )
 
 
 @dataclass

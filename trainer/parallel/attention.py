@@ -2,13 +2,14 @@
 
 Both keep the residual stream sequence-sharded, [B, L, H] with L = S / n.
 
-* ``sp`` (the method, PAPER.md section 2): replicated W_qkv and W_o. QKV GEMM
-  and RoPE on the local shard; one all-to-all turns sequence-sharded q, k, v
-  into head-sharded tensors over the full sequence (rank j gets q heads
-  [j N/n, (j+1) N/n) and the matching kv heads, so GQA groups stay whole);
-  causal attention on the local heads; one all-to-all back; W_o on the local
-  shard. Kept for backward (SAR): the all-to-all'd qkv, the attention output
-  and its logsumexp. The output all-to-all is re-run in backward.
+* ``sp`` (the method: MegaScale-MoE (arXiv 2505.11432), SP for attention):
+  replicated W_qkv and W_o. QKV GEMM and RoPE on the local shard; one all-to-all
+  turns sequence-sharded q, k, v into head-sharded tensors over the full
+  sequence (rank j gets q heads [j N/n, (j+1) N/n) and the matching kv heads, so
+  GQA groups stay whole); causal attention on the local heads; one all-to-all
+  back; W_o on the local shard. Kept for backward (SAR): the all-to-all'd qkv,
+  the attention output and its logsumexp. The output all-to-all is re-run in
+  backward.
 * ``tp`` (Megatron-style baseline with sequence parallelism): all-gather the
   normed input, column-parallel QKV (local heads), attention, row-parallel
   W_o, reduce-scatter. Kept: qkv and the attention output + logsumexp; the
@@ -23,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from trainer.parallel import pairs
-from trainer.parallel.comm import Then
+from trainer.parallel.comm import MappedHandle
 from trainer.parallel.fp8comm import all_gather_fp8, reduce_scatter_fp8
 from trainer.parallel.ops import (
     attention_bwd,
@@ -54,14 +55,14 @@ def _issue_heads_to_seq(ctx, t_BSXD, tag):
     L = S // ctx.n
     send = t_BSXD.view(B, ctx.n, L, X, D).permute(1, 0, 2, 3, 4).reshape(ctx.n * B * L, X * D)
     handle = ctx.issue(ctx.comm.all_to_all, send, None, None, tag)
-    return Then(handle, lambda recv: recv.view(ctx.n, B, L, X, D))
+    return MappedHandle(handle, lambda recv: recv.view(ctx.n, B, L, X, D))
 
 
 def _issue_seq_to_heads(ctx, send_nBLXD, tag):
     """[n, B, L, X, D] (chunk j for rank j) -> handle of [B, S, X, D] over the full sequence."""
     n, B, L, X, D = send_nBLXD.shape
     handle = ctx.issue(ctx.comm.all_to_all, send_nBLXD.reshape(n * B * L, X * D), None, None, tag)
-    return Then(
+    return MappedHandle(
         handle, lambda r: r.view(n, B, L, X, D).permute(1, 0, 2, 3, 4).reshape(B, n * L, X, D)
     )
 
@@ -102,7 +103,7 @@ def _sp_output_a2a(ctx, out_BNSD, tag):
         n, B, L, nl, D = recv.shape
         return recv.permute(1, 2, 0, 3, 4).reshape(B, L, n * nl * D)
 
-    return Then(_issue_heads_to_seq(ctx, out_BNSD.transpose(1, 2), tag), merge)
+    return MappedHandle(_issue_heads_to_seq(ctx, out_BNSD.transpose(1, 2), tag), merge)
 
 
 def sp_backward(ctx, d_h, x, ln1_w, wqkv, wo, saved):
@@ -118,9 +119,13 @@ def sp_backward(ctx, d_h, x, ln1_w, wqkv, wo, saved):
     dq, dk, dv = attention_bwd(d_out_handle.wait(), q, k, v, saved["attn_out"], saved["attn_lse"])
     d_local = torch.cat([dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)], dim=2)
     d_ln1, d_wqkv = pairs.a2a_qkv_bwd(
-        ctx, d_local, lambda: rmsnorm_fwd(x, ln1_w, ctx.eps), wqkv, ctx.local_positions(L),
+        ctx,
+        d_local,
+        lambda: rmsnorm_fwd(x, ln1_w, ctx.eps),
+        wqkv,
+        ctx.local_positions(L),
         ctx.chunks,
-    )  # fmt: skip
+    )
     dx, d_ln1_w = rmsnorm_bwd(d_ln1, x, ln1_w, ctx.eps)
     return d_h + dx, (d_ln1_w, d_wqkv, d_wo)
 
@@ -140,7 +145,9 @@ def _issue_seq_gather(ctx, t_BLX, tag, fp8=False):
         handle = all_gather_fp8(ctx, t_BLX.reshape(B * L, X), tag)
     else:
         handle = ctx.issue(ctx.comm.all_gather, t_BLX.reshape(B * L, X), tag)
-    return Then(handle, lambda out: out.view(ctx.n, B, L, X).permute(1, 0, 2, 3).reshape(B, -1, X))
+    return MappedHandle(
+        handle, lambda out: out.view(ctx.n, B, L, X).permute(1, 0, 2, 3).reshape(B, -1, X)
+    )
 
 
 def _issue_seq_reduce_scatter(ctx, t_BSX, tag, fp8=False):
@@ -148,8 +155,10 @@ def _issue_seq_reduce_scatter(ctx, t_BSX, tag, fp8=False):
     L = S // ctx.n
     chunks = t_BSX.view(B, ctx.n, L, X).permute(1, 0, 2, 3).reshape(ctx.n * B * L, X)
     if fp8:
-        return Then(reduce_scatter_fp8(ctx, chunks, tag), lambda out: out.view(B, L, X))
-    return Then(ctx.issue(ctx.comm.reduce_scatter, chunks, tag), lambda out: out.view(B, L, X))
+        return MappedHandle(reduce_scatter_fp8(ctx, chunks, tag), lambda out: out.view(B, L, X))
+    return MappedHandle(
+        ctx.issue(ctx.comm.reduce_scatter, chunks, tag), lambda out: out.view(B, L, X)
+    )
 
 
 def tp_forward(ctx, x, ln1_w, wqkv, wo, saved):

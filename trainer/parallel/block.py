@@ -5,13 +5,20 @@ autograd sees a single node per layer and the operator order inside forward
 and backward is ours to choose (the next step is running communication
 beside independent computation). Between layers autograd is fine.
 
-Selective activation rematerialisation (PAPER.md section 4) decides what the
-Function keeps: the layer input ("hidden"), qkv after the all-to-all, the
+Selective activation rematerialisation (MegaScale-MoE (arXiv 2505.11432), overlap
+section) decides what the Function keeps: the layer input ("hidden"), qkv after the all-to-all, the
 attention output (+ its logsumexp), ln2_in (the residual after attention),
 FC1 and FC3 outputs. Backward recomputes both norms and SiLU and re-runs the
 attention-output all-to-all and the expert-input dispatch / all-gather.
 ``retained_bytes`` reports the kept tensors, which for SP + EP follow
 (2kf + 4 + 2/m) * b s h / n elements.
+
+Every tensor kept for backward - the SAR activations, the routing metadata and
+the index tensors of the dispatch - goes through ``save_for_backward``, so
+saved-tensor hooks (``torch.autograd.graph.save_on_cpu``, memory probes) see
+each of them. The operators fill a nested dict ``saved`` (tensors beside the
+ints and split lists that describe them); ``_pack`` swaps its tensors for
+placeholders before saving and ``_unpack`` puts the unpacked ones back.
 
 Forward order:  norm1 -> QKV -> a2a -> attention -> a2a -> W_o (+res)
                 -> norm2 -> router (+ stats all-reduce) -> dispatch -> experts
@@ -22,21 +29,26 @@ Backward order: experts (re-dispatch inputs) -> router -> norm2 -> W_o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from trainer.parallel import attention, moe
-from trainer.parallel.comm import Comm, Ready
+from trainer.parallel.comm import Comm, DoneHandle
 from trainer.parallel.ops import expert_bwd, rmsnorm_bwd, rmsnorm_fwd
 
 SAR_KEYS = ("x", "qkv_a2a", "attn_out", "h", "fc1", "fc3")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayerCtx:
-    """Static facts one layer needs at run time, and the Comm it talks through."""
+    """What one layer needs at run time that never changes during a run: the model's
+    shapes, the layout, the communication options and the Comm it talks through.
+
+    What a forward reports back (dropped tokens, retained bytes) goes to a
+    :class:`LayerResult` instead, one per call.
+    """
 
     comm: Comm
     n: int
@@ -54,17 +66,18 @@ class LayerCtx:
     balance_coef: float
     rope_theta: float
     eps: float
-    forced_routing: bool = False  # balanced fixed routing, for benchmarks and volume tests
     overlap: bool = False  # comm.overlap: collectives run beside independent computation
     fp8: bool = False  # comm.fp8: FP8 reductions and backward all-gathers, gate after FC2
     chunks: int = 1  # comm.chunks: intra-operator pipelining pieces
-    stats: dict[str, Any] = field(default_factory=dict)
+    # Benchmarks and volume tests: replace the router's choice by a fixed, perfectly
+    # balanced assignment, so every rank sends the closed-form volume. Never in training.
+    balanced_routing: bool = False
 
     def issue(self, collective, *args, **kwargs):
         """Start a collective: asynchronous under overlap (wait later), else done now."""
         if self.overlap:
             return collective(*args, async_op=True, **kwargs)
-        return Ready(collective(*args, **kwargs))
+        return DoneHandle(collective(*args, **kwargs))
 
     def local_positions(self, L: int) -> torch.Tensor:
         return torch.arange(self.rank * L, (self.rank + 1) * L)
@@ -85,6 +98,44 @@ class LayerCtx:
         return torch.cat([self._global_tokens(T_l, r) for r in range(self.n)])
 
 
+@dataclass
+class LayerResult:
+    """What one forward of one layer reports: tokens dropped by capacity, and the bytes
+    of the activations it keeps for backward (the SAR tensors)."""
+
+    dropped: int = 0
+    retained_bytes: int = 0
+
+
+class _Slot:
+    """Where ``_pack`` took a tensor out of the saved structure."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+def _pack(obj, tensors: list[torch.Tensor]):
+    """``obj`` with every tensor replaced by a ``_Slot``; the tensors appended to ``tensors``."""
+    if torch.is_tensor(obj):
+        tensors.append(obj)
+        return _Slot(len(tensors) - 1)
+    if isinstance(obj, dict):
+        return {k: _pack(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_pack(v, tensors) for v in obj)
+    return obj
+
+
+def _unpack(obj, tensors):
+    if isinstance(obj, _Slot):
+        return tensors[obj.index]
+    if isinstance(obj, dict):
+        return {k: _unpack(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_unpack(v, tensors) for v in obj)
+    return obj
+
+
 def _shared_fwd(x2, w1, w3, w2):
     return (torch.nn.functional.silu(x2 @ w1) * (x2 @ w3)) @ w2
 
@@ -98,7 +149,7 @@ def _shared_bwd(d_out, x2, w1, w3, w2):
 
 class MacroLayer(torch.autograd.Function):
     @staticmethod
-    def forward(fn_ctx, ctx: LayerCtx, x, *params):
+    def forward(fn_ctx, ctx: LayerCtx, result: LayerResult, x, *params):
         ln1_w, wqkv, wo, ln2_w, router_w, w1, w3, w2, *shared = params
         saved: dict[str, Any] = {}
         attn_fwd = attention.sp_forward if ctx.attention == "sp" else attention.tp_forward
@@ -115,7 +166,12 @@ class MacroLayer(torch.autograd.Function):
         if shared:
             out = out + shared_out
         saved.update(x=x, h=h, probs=probs, scores=scores, ids=ids, coef_E=coef_E)
-        fn_ctx.layer, fn_ctx.saved, fn_ctx.params = ctx, saved, params
+        result.dropped = saved.pop("dropped")
+        result.retained_bytes = sum(saved[k].numel() * saved[k].element_size() for k in SAR_KEYS)
+        tensors: list[torch.Tensor] = []
+        fn_ctx.layer, fn_ctx.structure = ctx, _pack(saved, tensors)
+        fn_ctx.save_for_backward(*tensors, *params)
+        fn_ctx.num_params = len(params)
         # Backward runs outside the caller's autocast; replay the forward's state.
         device = x.device.type
         fn_ctx.autocast = (
@@ -123,11 +179,6 @@ class MacroLayer(torch.autograd.Function):
             torch.is_autocast_enabled(device),
             torch.get_autocast_dtype(device),
         )
-        ctx.stats = {
-            "dropped": saved["dropped"],
-            "expert_counts": saved["expert_counts"],
-            "retained_bytes": sum(saved[k].numel() * saved[k].element_size() for k in SAR_KEYS),
-        }
         return h + out.view(B, L, H), bal
 
     @staticmethod
@@ -138,8 +189,9 @@ class MacroLayer(torch.autograd.Function):
 
     @staticmethod
     def _backward(fn_ctx, dy, d_bal):
-        ctx, s = fn_ctx.layer, fn_ctx.saved
-        ln1_w, wqkv, wo, ln2_w, router_w, w1, w3, w2, *shared = fn_ctx.params
+        ctx, unpacked = fn_ctx.layer, fn_ctx.saved_tensors
+        s = _unpack(fn_ctx.structure, unpacked[: -fn_ctx.num_params])
+        ln1_w, wqkv, wo, ln2_w, router_w, w1, w3, w2, *shared = unpacked[-fn_ctx.num_params :]
         h = s["h"]
         B, L, H = h.shape
         d_out = dy.reshape(B * L, H)
@@ -160,6 +212,6 @@ class MacroLayer(torch.autograd.Function):
         d_h = dy + d_ln2
         attn_bwd = attention.sp_backward if ctx.attention == "sp" else attention.tp_backward
         dx, (d_ln1_w, d_wqkv, d_wo) = attn_bwd(ctx, d_h, s["x"], ln1_w, wqkv, wo, s)
-        fn_ctx.saved = None
+        fn_ctx.structure = None
         grads = (d_ln1_w, d_wqkv, d_wo, d_ln2_w, d_router, *expert_grads, *shared_grads)
-        return (None, dx, *grads)
+        return (None, None, dx, *grads)

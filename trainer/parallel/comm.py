@@ -6,10 +6,11 @@ and per ``tag`` (what the data is: "attn_qkv", "ep_dispatch", "grad_sync", ...)
 it counts bytes, so tests can hold each operator to its closed-form volume,
 and exposed seconds, so benchmarks can say which operator's traffic shows.
 
-Bytes are what this rank puts on its links, the convention of PAPER.md's
-volumes: an all-to-all counts the rows sent to other ranks (not the part that
-stays local), an all-gather or reduce-scatter over n ranks counts (n - 1) / n
-of the full tensor (what a ring moves per rank), an all-reduce twice that.
+Bytes are what this rank puts on its links, the convention of the volumes in
+MegaScale-MoE (arXiv 2505.11432): an all-to-all counts the rows sent to other
+ranks (not the part that stays local), an all-gather or reduce-scatter over n
+ranks counts (n - 1) / n of the full tensor (what a ring moves per rank), an
+all-reduce twice that.
 
 Wall seconds run from issue to completion (for asynchronous work the first
 moment it is seen complete - checked at every collective's issue and wait -
@@ -24,13 +25,22 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
-# torch 2.13 renamed the tensor forms; keep working on either name.
-_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+if TYPE_CHECKING:
+    from trainer.parallel.dims import ParallelDims
+
+
+def _all_gather_tensor():
+    # torch 2.13 renamed the tensor forms; keep working on either name.
+    return getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _reduce_scatter_tensor():
+    return getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 @dataclass
@@ -46,7 +56,7 @@ class CommStats:
     kinds: dict[str, KindStats] = field(default_factory=lambda: defaultdict(KindStats))
     tags: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     tag_exposed: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    nonfinite: int = 0  # non-finite values met by the FP8 codec
+    nonfinite: int = 0  # non-finite values the FP8 codec met (sent as NaN; the step skips)
 
     def totals(self) -> tuple[float, float]:
         """(wall seconds, exposed seconds) over every kind."""
@@ -122,8 +132,12 @@ class Pending:
         return self._result
 
 
-class Ready:
-    """A collective that already completed (synchronous mode): ``wait()`` returns its result."""
+class DoneHandle:
+    """The handle of a collective that already ran (synchronous mode).
+
+    ``wait()`` returns its result, so callers treat synchronous and asynchronous
+    collectives alike.
+    """
 
     def __init__(self, value) -> None:
         self.value = value
@@ -132,8 +146,8 @@ class Ready:
         return self.value
 
 
-class Then:
-    """A handle whose result is post-processed when waited on (reshapes after a collective)."""
+class MappedHandle:
+    """A handle whose result goes through ``post`` when waited on (e.g. a reshape)."""
 
     def __init__(self, handle, post) -> None:
         self.handle, self.post = handle, post
@@ -142,7 +156,7 @@ class Then:
         return self.post(self.handle.wait())
 
 
-class Joined:
+class JoinedHandle:
     """Several handles waited together; ``post`` gets their results as a list."""
 
     def __init__(self, handles, post) -> None:
@@ -150,6 +164,35 @@ class Joined:
 
     def wait(self):
         return self.post([h.wait() for h in self.handles])
+
+
+class PiecesOneAhead:
+    """A collective in ``count`` pieces, each issued when the previous one is waited.
+
+    ``start(c)`` issues piece c and returns its handle; ``wait(c)`` waits for piece c
+    and issues piece c + 1. Issuing every piece at once would let them share the link
+    (gloo runs async work on two threads), so piece 0 would arrive no sooner than the
+    whole; one ahead, each piece has the link to itself while the previous piece
+    computes - the order a GPU communication stream gives for free.
+    """
+
+    def __init__(self, start, count: int) -> None:
+        self.start, self.count = start, count
+        self.handles = {0: start(0)} if count else {}
+
+    def wait(self, c: int):
+        result = self.handles.pop(c).wait()
+        if c + 1 < self.count:
+            self.handles[c + 1] = self.start(c + 1)
+        return result
+
+
+def issuer(ctx):
+    """How an operator pair starts a collective: asynchronous when chunked
+    (``ctx.chunks > 1``), else as ``comm.overlap`` says (``ctx.issue``)."""
+    if ctx.chunks > 1:
+        return lambda collective, *args: collective(*args, async_op=True)
+    return ctx.issue
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -212,14 +255,16 @@ class Comm:
         """Concatenate every rank's ``inp`` along dim 0 (rank order)."""
         out = inp.new_empty((inp.shape[0] * self.size, *inp.shape[1:]))
         start = self._book("all_gather", tag, _nbytes(inp) * (self.size - 1))
-        work = _ALL_GATHER(_wire(out), _wire(inp.contiguous()), group=self.group, async_op=async_op)
+        work = _all_gather_tensor()(
+            _wire(out), _wire(inp.contiguous()), group=self.group, async_op=async_op
+        )
         return self._run("all_gather", start, work, async_op, finish=lambda: out, tag=tag)
 
     def reduce_scatter(self, inp: torch.Tensor, tag: str, async_op: bool = False):
         """Sum over ranks, rank r keeps rows [r * rows / n, (r + 1) * rows / n)."""
         out = inp.new_empty((inp.shape[0] // self.size, *inp.shape[1:]))
         start = self._book("reduce_scatter", tag, _nbytes(out) * (self.size - 1))
-        work = _REDUCE_SCATTER(out, inp.contiguous(), group=self.group, async_op=async_op)
+        work = _reduce_scatter_tensor()(out, inp.contiguous(), group=self.group, async_op=async_op)
         return self._run("reduce_scatter", start, work, async_op, finish=lambda: out, tag=tag)
 
     def all_reduce(self, tensor: torch.Tensor, tag: str, async_op: bool = False, op=None):
@@ -243,6 +288,30 @@ class Comm:
         start = self._book("send_recv", tag, 0)  # bytes are booked by the sender
         dist.recv(_wire(out), src)
         return self._run("send_recv", start, None, False, finish=lambda: out, tag=tag)
+
+
+@dataclass
+class Comms:
+    """A rank's Comms over its n, dp, pp and world groups; they share one CommStats."""
+
+    n: Comm
+    dp: Comm
+    pp: Comm
+    world: Comm
+
+    @classmethod
+    def from_dims(cls, dims: ParallelDims, device: torch.device | None = None) -> Comms:
+        stats = CommStats()
+        return cls(
+            n=Comm(dims.n_group, dims.n_index, dims.n, stats, device),
+            dp=Comm(dims.dp_group, dims.dp_index, dims.dp, stats, device),
+            pp=Comm(dims.pp_group, dims.pp_index, dims.pp, stats, device),
+            world=Comm(dist.group.WORLD, dims.rank, dims.world, stats, device),
+        )
+
+    @property
+    def stats(self) -> CommStats:
+        return self.world.stats
 
 
 def _wire(t: torch.Tensor) -> torch.Tensor:

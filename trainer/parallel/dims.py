@@ -27,8 +27,6 @@ def check_layout(cfg: Config, nproc: int) -> None:
             f"parallel.dp * parallel.pp * parallel.n = {p.dp} * {p.pp} * {p.n} = {p.world} "
             f"but --nproc is {nproc}"
         )
-    if m.experts % p.n:
-        problems.append(f"model.experts = {m.experts} is not divisible by parallel.n = {p.n}")
     if nproc > 1:
         if m.seq_len % p.n:
             problems.append(f"model.seq_len = {m.seq_len} is not divisible by parallel.n = {p.n}")
@@ -52,21 +50,8 @@ def check_layout(cfg: Config, nproc: int) -> None:
                 f"shared expert width {m.shared_experts * m.shared_hidden} is not divisible by "
                 f"parallel.n = {p.n}"
             )
-        if m.layers % p.pp:
-            problems.append(
-                f"model.layers = {m.layers} is not divisible by parallel.pp = {p.pp} "
-                "(every stage holds the same number of layers)"
-            )
     if problems:
         raise ConfigError("invalid parallel layout: " + "; ".join(problems))
-
-
-def resolve_ffn_mode(cfg: Config) -> str:
-    """``auto``: all-to-all when k < n (its volume 2k/n of AG/RS's), else all-gather/RS."""
-    mode = cfg.parallel.ffn
-    if mode != "auto":
-        return mode
-    return "ep_a2a" if cfg.model.topk < cfg.parallel.n else "ep_agrs"
 
 
 def _own_group(rank: int, partition: list[list[int]]):

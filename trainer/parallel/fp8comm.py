@@ -3,7 +3,8 @@
 * ``reduce_scatter_fp8``: a forward reduction (partial sums of every token on
   every rank, each rank owning a block of tokens) becomes an FP8 all-to-all
   with one scale per token, and the owner decodes the n partials and sums
-  them in FP32 (PAPER.md section 5). A BF16/FP8 reduce-scatter would instead
+  them in FP32 (MegaScale-MoE (arXiv 2505.11432), communication
+  compression). A BF16/FP8 reduce-scatter would instead
   accumulate in low precision along the ring.
 * ``all_gather_fp8``: a backward all-gather carries E4M3 with per-channel
   scales over groups of 128 tokens.
@@ -21,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from trainer.compress.fp8 import Encoded, decode, encode_channels, encode_rows
-from trainer.parallel.comm import Then
+from trainer.parallel.comm import MappedHandle
 
 
 def reduce_scatter_fp8(ctx, full_RH: torch.Tensor, tag: str):
@@ -41,7 +42,7 @@ def reduce_scatter_fp8(ctx, full_RH: torch.Tensor, tag: str):
         ]
         return torch.stack(parts).sum(0).to(full_RH.dtype)
 
-    return Then(payload, finish)
+    return MappedHandle(payload, finish)
 
 
 def all_gather_fp8(ctx, t_RH: torch.Tensor, tag: str):
@@ -61,7 +62,7 @@ def all_gather_fp8(ctx, t_RH: torch.Tensor, tag: str):
         ]
         return torch.cat(parts).to(t_RH.dtype)
 
-    return Then(payload, finish)
+    return MappedHandle(payload, finish)
 
 
 def all_to_all_fp8(ctx, rows_RH: torch.Tensor, in_splits, out_splits, tag: str):
@@ -74,4 +75,4 @@ def all_to_all_fp8(ctx, rows_RH: torch.Tensor, in_splits, out_splits, tag: str):
     def finish(got):
         return decode(Encoded(got, scales.wait(), 0)).to(rows_RH.dtype)
 
-    return Then(payload, finish)
+    return MappedHandle(payload, finish)

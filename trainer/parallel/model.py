@@ -21,9 +21,8 @@ from torch import nn
 from trainer.config import Config
 from trainer.model.layers import RMSNorm
 from trainer.model.transformer import MoETransformer
-from trainer.parallel.block import LayerCtx, MacroLayer
+from trainer.parallel.block import LayerCtx, LayerResult, MacroLayer
 from trainer.parallel.comm import Comm
-from trainer.parallel.dims import resolve_ffn_mode
 
 PARAM_NAMES = ("ln1_w", "wqkv", "wo", "ln2_w", "router_w", "w1", "w3", "w2")
 REF_NAMES = {
@@ -41,16 +40,30 @@ REF_NAMES = {
 }
 
 
-def layer_ctx(cfg: Config, comm: Comm, rank: int) -> LayerCtx:
+def layer_ctx(cfg: Config, comm: Comm, rank: int, balanced_routing: bool = False) -> LayerCtx:
     m = cfg.model
     return LayerCtx(
-        comm=comm, n=cfg.parallel.n, rank=rank, attention=cfg.parallel.attention,
-        ffn_mode=resolve_ffn_mode(cfg), seq_len=m.seq_len, heads=m.heads, kv_heads=m.kv_heads,
-        head_dim=m.head_dim, experts=m.experts, topk=m.topk, norm_topk=m.norm_topk,
-        capacity_factor=m.capacity_factor, balance_coef=m.balance_coef,
-        rope_theta=m.rope_theta, eps=m.norm_eps, overlap=cfg.comm.overlap,
-        fp8=cfg.comm.fp8, chunks=cfg.comm.chunks,
-    )  # fmt: skip
+        comm=comm,
+        n=cfg.parallel.n,
+        rank=rank,
+        attention=cfg.parallel.attention,
+        ffn_mode=cfg.ffn_mode,
+        seq_len=m.seq_len,
+        heads=m.heads,
+        kv_heads=m.kv_heads,
+        head_dim=m.head_dim,
+        experts=m.experts,
+        topk=m.topk,
+        norm_topk=m.norm_topk,
+        capacity_factor=m.capacity_factor,
+        balance_coef=m.balance_coef,
+        rope_theta=m.rope_theta,
+        eps=m.norm_eps,
+        overlap=cfg.comm.overlap,
+        fp8=cfg.comm.fp8,
+        chunks=cfg.comm.chunks,
+        balanced_routing=balanced_routing,
+    )
 
 
 class Slicer:
@@ -107,8 +120,12 @@ class ParallelBlock(nn.Module):
             local.megamoe_ref = REF_NAMES[name]
             self.register_parameter(name, local)
 
-    def forward(self, x_BLH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return MacroLayer.apply(self.ctx, x_BLH, *(getattr(self, n) for n in self.names))
+    def forward(self, x_BLH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, LayerResult]:
+        result = LayerResult()
+        out, bal = MacroLayer.apply(
+            self.ctx, result, x_BLH, *(getattr(self, n) for n in self.names)
+        )
+        return out, bal, result
 
 
 class ParallelMoE(nn.Module):
@@ -121,14 +138,20 @@ class ParallelMoE(nn.Module):
     """
 
     def __init__(
-        self, cfg: Config, comm: Comm, rank: int, reference: MoETransformer,
-        stage: int = 0, stages: int = 1,
-    ) -> None:  # fmt: skip
+        self,
+        cfg: Config,
+        comm: Comm,
+        rank: int,
+        reference: MoETransformer,
+        stage: int = 0,
+        stages: int = 1,
+        balanced_routing: bool = False,
+    ) -> None:
         super().__init__()
         self.cfg, self.comm = cfg, comm
         self.first, self.last = stage == 0, stage == stages - 1
         m = cfg.model
-        self.ctx = layer_ctx(cfg, comm, rank)
+        self.ctx = layer_ctx(cfg, comm, rank, balanced_routing)
         per = m.layers // stages
         self.blocks = nn.ModuleList(
             ParallelBlock(cfg, self.ctx, b)
@@ -154,10 +177,10 @@ class ParallelMoE(nn.Module):
         bal_total = x.new_zeros((), dtype=torch.float32)
         dropped = retained = 0
         for block in self.blocks:
-            x, bal = block(x)
+            x, bal, result = block(x)
             bal_total = bal_total + bal
-            dropped += self.ctx.stats["dropped"]
-            retained += self.ctx.stats["retained_bytes"]
+            dropped += result.dropped
+            retained += result.retained_bytes
         if self.last:
             x = self.head(self.final_norm(x))
         return x, bal_total, {"dropped": dropped, "retained_bytes": retained}
@@ -178,21 +201,3 @@ def build_parallel_model(
     torch.manual_seed(cfg.train.seed)
     reference = MoETransformer(cfg.model, groups=cfg.parallel.n)
     return ParallelMoE(cfg, comm, rank, reference, stage, cfg.parallel.pp).to(device)
-
-
-def replicated_params(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.megamoe_replicated]
-
-
-def sync_replicated_grads(model: nn.Module, comm: Comm) -> None:
-    """Sum the gradients of replicated parameters over the n ranks (one flat all-reduce)."""
-    params = [p for p in replicated_params(model) if p.grad is not None]
-    if not params:
-        return
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    comm.all_reduce(flat, "grad_sync")
-    offset = 0
-    for p in params:
-        numel = p.grad.numel()
-        p.grad.copy_(flat[offset : offset + numel].view_as(p.grad))
-        offset += numel

@@ -30,17 +30,17 @@ from __future__ import annotations
 import torch
 
 from trainer.model.router import capacity_keep, group_capacity
-from trainer.parallel.comm import Joined, Ready
+from trainer.parallel.comm import DoneHandle, JoinedHandle, PiecesOneAhead, issuer
 from trainer.parallel.fp8comm import all_gather_fp8, all_to_all_fp8, reduce_scatter_fp8
-from trainer.parallel.ops import expert_bwd_data, swiglu_act, swiglu_fwd
-from trainer.parallel.pairs import Ahead, ag_grouped_gemm_rs, ag_grouped_gemm_rs_bwd, issuer
+from trainer.parallel.ops import grouped_bwd_data, grouped_bwd_weights, grouped_fwd, segments_of
+from trainer.parallel.pairs import ag_grouped_gemm_rs, ag_grouped_gemm_rs_bwd
 
 # ---------------------------------------------------------------- router
 
 
 def router_fwd(ctx, x2, router_w):
     probs = torch.softmax((x2 @ router_w.T).float(), dim=-1)
-    if ctx.forced_routing:
+    if ctx.balanced_routing:
         # Benchmarks and volume tests: a fixed, perfectly balanced assignment
         # (slot j of global token t -> expert (t k + j) mod E); gradients still flow.
         slots = ctx.global_slots(x2.shape[0], ctx.topk).to(x2.device)
@@ -87,62 +87,6 @@ def router_bwd(ctx, d_gates, d_bal, probs, scores, ids, x2, router_w, coef_E):
     return d_logits @ router_w, d_logits.T @ x2
 
 
-# ------------------------------------------------------- grouped experts
-
-
-def segments_of(counts: list[int]) -> list[tuple[int, int]]:
-    """Rows grouped by expert in expert order: [(expert, rows), ...]."""
-    return list(enumerate(counts))
-
-
-def _split(t, segments):
-    return t.split([rows for _, rows in segments])
-
-
-def grouped_fwd(xs, gs, segments, w1, w3, w2, gate_after=False):
-    """One FC1/FC3/FC2 GEMM per segment of rows that share an expert; returns (y, fc1, fc3).
-
-    ``segments`` lists (local expert, rows) in row order; an expert may appear in
-    several segments (chunked pipelines). The gate multiplies before FC2 (the
-    paper's placement), or after it in FP8 mode.
-    """
-    fc1s, fc3s, ys = [], [], []
-    for (e, _), x_e, g_e in zip(segments, _split(xs, segments), _split(gs, segments), strict=True):
-        fc1, fc3 = swiglu_fwd(x_e, w1[e], w3[e])
-        fc1s.append(fc1)
-        fc3s.append(fc3)
-        if gate_after:
-            ys.append((swiglu_act(fc1, fc3, torch.ones_like(g_e)) @ w2[e]) * g_e[:, None])
-        else:
-            ys.append(swiglu_act(fc1, fc3, g_e) @ w2[e])
-    return torch.cat(ys), torch.cat(fc1s), torch.cat(fc3s)
-
-
-def grouped_bwd_data(dys, gs, segments, fc1, fc3, w1, w3, w2, gate_after=False):
-    """Per segment: dx, dgate, dW2 (summed per expert) and the FC1/FC3 output gradients."""
-    dxs, dgs, dfc1, dfc3 = [], [], [], []
-    dw2 = torch.zeros_like(w2)
-    pieces = zip(segments, _split(dys, segments), _split(gs, segments), _split(fc1, segments),
-                 _split(fc3, segments), strict=True)  # fmt: skip
-    for (e, _), dy, g, a, b in pieces:
-        dx, dg, g2, d1, d3 = expert_bwd_data(dy, a, b, g, w1[e], w3[e], w2[e], gate_after)
-        dxs.append(dx)
-        dgs.append(dg)
-        dw2[e] += g2
-        dfc1.append(d1)
-        dfc3.append(d3)
-    return torch.cat(dxs), torch.cat(dgs), dw2, dfc1, dfc3
-
-
-def grouped_bwd_weights(xs, segments, dfc1, dfc3, w1):
-    """dW1, dW3 = x^T d(fc1), x^T d(fc3) per expert: the GEMMs that hide communication."""
-    dw1, dw3 = torch.zeros_like(w1), torch.zeros_like(w1)
-    for (e, _), x, d1, d3 in zip(segments, _split(xs, segments), dfc1, dfc3, strict=True):
-        dw1[e] += x.T @ d1
-        dw3[e] += x.T @ d3
-    return dw1, dw3
-
-
 # ------------------------------------------------------------- ep_a2a
 
 
@@ -177,21 +121,20 @@ def a2a_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved, side=None):
     recv_major = _rank_major(recv_counts.sum(-1))
     meta_send = _to_rank_major(meta[slot_order], send_major)
     meta_handle = issue(ctx.comm.all_to_all, meta_send, *_totals(pieces), "ep_meta")
-    xs = Ahead(lambda c: _dispatch(ctx, issue, x2[token_of[pieces[c]["send"]]],
-                                   pieces[c]["splits"]), K)  # fmt: skip
+    xs = PiecesOneAhead(
+        lambda c: _dispatch(ctx, issue, x2[token_of[pieces[c]["send"]]], pieces[c]["splits"]), K
+    )
     side_out = side() if side else None
     recv_meta = meta_handle.wait()[recv_major]  # piece-major, like the pieces' rows
     # Capacity needs every assignment to this device group: decided once, over all pieces.
     keep = _receiver_keep(ctx, recv_meta, T_l * n, k).split([p["rows"] for p in pieces])
-    backs, fc1s, fc3s, gss, counts = [], [], [], [], [0] * El
+    backs, fc1s, fc3s, gss = [], [], [], []
     for c, p in enumerate(pieces):
         local_e = torch.arange(El, device=x2.device).repeat(n)
         local_e = local_e.repeat_interleave(recv_counts[:, c].flatten())
         kept = keep[c].nonzero().squeeze(-1)
         p["perm"] = kept[torch.sort(local_e[kept], stable=True).indices]
-        piece_counts = torch.bincount(local_e[p["perm"]], minlength=El).tolist()
-        p["segments"] = segments_of(piece_counts)
-        counts = [a + b for a, b in zip(counts, piece_counts, strict=True)]
+        p["segments"] = segments_of(torch.bincount(local_e[p["perm"]], minlength=El).tolist())
         recv_meta_c = recv_meta[p["offset"] : p["offset"] + p["rows"]]
         gs = recv_meta_c[p["perm"], 0].float()
         recv_x = xs.wait(c)
@@ -202,12 +145,17 @@ def a2a_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved, side=None):
         fc3s.append(fc3)
         gss.append(gs)
     saved.update(
-        fc1=torch.cat(fc1s), fc3=torch.cat(fc3s), slot_order=slot_order, token_of=token_of,
-        pieces=pieces, gs=torch.cat(gss), send_major=send_major, recv_major=recv_major,
-    )  # fmt: skip
+        fc1=torch.cat(fc1s),
+        fc3=torch.cat(fc3s),
+        slot_order=slot_order,
+        token_of=token_of,
+        pieces=pieces,
+        gs=torch.cat(gss),
+        send_major=send_major,
+        recv_major=recv_major,
+    )
     saved["dropped"] = sum(p["rows"] - p["perm"].numel() for p in pieces)
-    saved["expert_counts"] = counts
-    combined = Joined(backs, lambda rows: _gather_slots(torch.cat(rows), slot_order, T_l, k))
+    combined = JoinedHandle(backs, lambda rows: _gather_slots(torch.cat(rows), slot_order, T_l, k))
     return combined, side_out
 
 
@@ -225,8 +173,9 @@ def _pieces(send_KN, recv_NKE, slot_order):
         out_splits = recv_NKE[:, c].sum(-1).tolist()
         rows = sum(out_splits)
         send = torch.arange(sent, sent + sum(in_splits), device=slot_order.device)
-        pieces.append({"send": send, "splits": (in_splits, out_splits), "rows": rows,
-                       "offset": offset})  # fmt: skip
+        pieces.append(
+            {"send": send, "splits": (in_splits, out_splits), "rows": rows, "offset": offset}
+        )
         sent += sum(in_splits)
         offset += rows
     return pieces
@@ -248,8 +197,11 @@ def _rank_major(counts_NK: torch.Tensor) -> torch.Tensor:
     n, K = counts_NK.shape
     flat = counts_NK.flatten()
     starts = torch.cumsum(flat, 0) - flat  # rank-major block offsets
-    blocks = [torch.arange(int(starts[r * K + c]), int(starts[r * K + c] + flat[r * K + c]))
-              for c in range(K) for r in range(n)]  # fmt: skip
+    blocks = [
+        torch.arange(int(starts[r * K + c]), int(starts[r * K + c] + flat[r * K + c]))
+        for c in range(K)
+        for r in range(n)
+    ]
     return torch.cat(blocks).to(counts_NK.device)
 
 
@@ -290,12 +242,16 @@ def a2a_backward(ctx, d_out, recompute_x2, w1, w3, w2, saved, side=None):
     pieces, token_of = s["pieces"], s["token_of"]
 
     def dispatch(rows):
-        return lambda c: issue(ctx.comm.all_to_all, rows[token_of[pieces[c]["send"]]],
-                               *pieces[c]["splits"], "ep_dispatch")  # fmt: skip
+        return lambda c: issue(
+            ctx.comm.all_to_all,
+            rows[token_of[pieces[c]["send"]]],
+            *pieces[c]["splits"],
+            "ep_dispatch",
+        )
 
-    ds = Ahead(dispatch(d_out), len(pieces))
+    ds = PiecesOneAhead(dispatch(d_out), len(pieces))
     x2 = recompute_x2()
-    xs = Ahead(dispatch(x2), len(pieces))
+    xs = PiecesOneAhead(dispatch(x2), len(pieces))
     side_out = side(x2) if side else None
     dw1, dw3, dw2 = torch.zeros_like(w1), torch.zeros_like(w1), torch.zeros_like(w2)
     backs, dgs_all, row = [], [], 0
@@ -304,9 +260,16 @@ def a2a_backward(ctx, d_out, recompute_x2, w1, w3, w2, saved, side=None):
         rows = slice(row, row + perm.numel())
         row = rows.stop
         dxs, dgs, dw2_p, dfc1, dfc3 = grouped_bwd_data(
-            ds.wait(c)[perm], s["gs"][rows], segments, s["fc1"][rows], s["fc3"][rows],
-            w1, w3, w2, ctx.fp8,
-        )  # fmt: skip
+            ds.wait(c)[perm],
+            s["gs"][rows],
+            segments,
+            s["fc1"][rows],
+            s["fc3"][rows],
+            w1,
+            w3,
+            w2,
+            ctx.fp8,
+        )
         dw2 += dw2_p
         d_recv_x = dxs.new_zeros(p["rows"], H).index_copy(0, perm, dxs)
         backs.append(issue(ctx.comm.all_to_all, d_recv_x, *p["splits"][::-1], "ep_combine"))
@@ -349,11 +312,7 @@ def gathered_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved, side=None):
             ctx, x2, mine, gs_all[..., 0], ids_all, first, w1, w3, w2, ctx.chunks
         )
         saved.update(piece_saved)
-        counts = [0] * w1.shape[0]
-        for e, rows in piece_saved["segments"]:
-            counts[e] += rows
-        saved["expert_counts"] = counts
-        return Ready(out), side_out
+        return DoneHandle(out), side_out
     x_all = x_handle.wait()
     slots = mine.reshape(-1).nonzero().squeeze(-1)
     slot_sel = slots[torch.sort(ids_all.reshape(-1)[slots], stable=True).indices]
@@ -370,7 +329,6 @@ def gathered_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved, side=None):
         out = ctx.issue(ctx.comm.reduce_scatter, summed, "ffn_rs")
     saved.update(fc1=fc1, fc3=fc3, slot_sel=slot_sel, tokens=tokens, gs=gs)
     saved["segments"] = segments_of(counts)
-    saved["expert_counts"] = counts
     return out, side_out
 
 

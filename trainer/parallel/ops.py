@@ -173,3 +173,65 @@ def expert_bwd(dy_AH, x_AH, fc1, fc3, gate_A, w1, w3, w2):
     """
     dx, dgate, dw2, d_fc1, d_fc3 = expert_bwd_data(dy_AH, fc1, fc3, gate_A, w1, w3, w2)
     return dx, dgate, x_AH.T @ d_fc1, x_AH.T @ d_fc3, dw2
+
+
+# Grouped experts: rows sorted by expert, one GEMM per (expert, rows) segment.
+
+
+def segments_of(counts: list[int]) -> list[tuple[int, int]]:
+    """Rows grouped by expert in expert order: [(expert, rows), ...]."""
+    return list(enumerate(counts))
+
+
+def _split(t, segments):
+    return t.split([rows for _, rows in segments])
+
+
+def grouped_fwd(xs, gs, segments, w1, w3, w2, gate_after=False):
+    """One FC1/FC3/FC2 GEMM per segment of rows that share an expert; returns (y, fc1, fc3).
+
+    ``segments`` lists (local expert, rows) in row order; an expert may appear in
+    several segments (chunked pipelines). The gate multiplies before FC2 (the
+    paper's placement), or after it in FP8 mode.
+    """
+    fc1s, fc3s, ys = [], [], []
+    for (e, _), x_e, g_e in zip(segments, _split(xs, segments), _split(gs, segments), strict=True):
+        fc1, fc3 = swiglu_fwd(x_e, w1[e], w3[e])
+        fc1s.append(fc1)
+        fc3s.append(fc3)
+        if gate_after:
+            ys.append((swiglu_act(fc1, fc3, torch.ones_like(g_e)) @ w2[e]) * g_e[:, None])
+        else:
+            ys.append(swiglu_act(fc1, fc3, g_e) @ w2[e])
+    return torch.cat(ys), torch.cat(fc1s), torch.cat(fc3s)
+
+
+def grouped_bwd_data(dys, gs, segments, fc1, fc3, w1, w3, w2, gate_after=False):
+    """Per segment: dx, dgate, dW2 (summed per expert) and the FC1/FC3 output gradients."""
+    dxs, dgs, dfc1, dfc3 = [], [], [], []
+    dw2 = torch.zeros_like(w2)
+    pieces = zip(
+        segments,
+        _split(dys, segments),
+        _split(gs, segments),
+        _split(fc1, segments),
+        _split(fc3, segments),
+        strict=True,
+    )
+    for (e, _), dy, g, a, b in pieces:
+        dx, dg, g2, d1, d3 = expert_bwd_data(dy, a, b, g, w1[e], w3[e], w2[e], gate_after)
+        dxs.append(dx)
+        dgs.append(dg)
+        dw2[e] += g2
+        dfc1.append(d1)
+        dfc3.append(d3)
+    return torch.cat(dxs), torch.cat(dgs), dw2, dfc1, dfc3
+
+
+def grouped_bwd_weights(xs, segments, dfc1, dfc3, w1):
+    """dW1, dW3 = x^T d(fc1), x^T d(fc3) per expert: the GEMMs that hide communication."""
+    dw1, dw3 = torch.zeros_like(w1), torch.zeros_like(w1)
+    for (e, _), x, d1, d3 in zip(segments, _split(xs, segments), dfc1, dfc3, strict=True):
+        dw1[e] += x.T @ d1
+        dw3[e] += x.T @ d3
+    return dw1, dw3

@@ -1,12 +1,13 @@
 """Intra-operator overlap (``comm.chunks = K``): the communication-bound operator pairs,
 pipelined in K pieces so each piece's communication runs beside the next piece's GEMM.
 
-PAPER.md section 4 fuses these pairs into tile-level GPU kernels (tiles signal
-arrival through flags). This module is the chunk-granularity form of the same
-dependency structure, and the seam where a fused kernel plugs in: each pair is
-one function with plain tensors in and out, and ``block.py`` /
-``attention.py`` / ``moe.py`` call only these functions when ``chunks > 1``.
-A fused implementation replaces a function's body, not the schedule.
+MegaScale-MoE (arXiv 2505.11432) (overlap section) fuses these pairs into tile-
+level GPU kernels (tiles signal arrival through flags). This module is the
+chunk-granularity form of the same dependency structure, and the seam where a
+fused kernel plugs in: each pair is one function with plain tensors in and out,
+and ``block.py`` / ``attention.py`` / ``moe.py`` call only these functions when
+``chunks > 1``. A fused implementation replaces a function's body, not the
+schedule.
 
 * ``qkv_gemm_a2a``: QKV GEMM + RoPE on local token piece c, then its
   all-to-all to head-sharded layout, while piece c + 1's GEMM runs.
@@ -46,35 +47,14 @@ from __future__ import annotations
 
 import torch
 
-from trainer.parallel.comm import Joined
-from trainer.parallel.ops import rope
+from trainer.parallel.comm import JoinedHandle, PiecesOneAhead, issuer
+from trainer.parallel.fp8comm import all_gather_fp8, reduce_scatter_fp8
+from trainer.parallel.ops import grouped_bwd_data, grouped_bwd_weights, grouped_fwd, rope
 
 
-class Ahead:
-    """A chunked collective issued one piece ahead: piece c + 1 starts when piece c is waited.
-
-    Issuing every piece at once would let them share the link (gloo runs async work
-    on two threads), so piece 0 would arrive no sooner than the whole; one ahead, each
-    piece has the link to itself while the previous piece computes - the order a GPU
-    communication stream gives for free.
-    """
-
-    def __init__(self, start, count: int) -> None:
-        self.start, self.count = start, count
-        self.handles = {0: start(0)} if count else {}
-
-    def wait(self, c: int):
-        result = self.handles.pop(c).wait()
-        if c + 1 < self.count:
-            self.handles[c + 1] = self.start(c + 1)
-        return result
-
-
-def gather_pieces(ctx, rows, chunks: int, fp8: bool = False) -> Ahead:
+def gather_pieces(ctx, rows, chunks: int, fp8: bool = False) -> PiecesOneAhead:
     """All-gathers of ``rows`` in ``chunks`` slices of local tokens, one ahead (FP8 in the
     backward's d(out) when ``comm.fp8``)."""
-    from trainer.parallel.fp8comm import all_gather_fp8
-
     size = rows.shape[0] // chunks
 
     def start(c):
@@ -83,14 +63,7 @@ def gather_pieces(ctx, rows, chunks: int, fp8: bool = False) -> Ahead:
             return all_gather_fp8(ctx, piece, "ffn_ag")
         return ctx.comm.all_gather(piece, "ffn_ag", async_op=True)
 
-    return Ahead(start, chunks)
-
-
-def issuer(ctx):
-    """How a pair starts a collective: asynchronous when chunked, else as ``comm.overlap`` says."""
-    if ctx.chunks > 1:
-        return lambda collective, *args: collective(*args, async_op=True)
-    return ctx.issue
+    return PiecesOneAhead(start, chunks)
 
 
 def _rope(ctx, t_BLX, positions, heads):
@@ -116,8 +89,9 @@ def qkv_gemm_a2a(ctx, ln1_BLH, wqkv, positions, chunks: int) -> torch.Tensor:
         parts = [_rope(ctx, q, pos, ctx.heads), _rope(ctx, k, pos, ctx.kv_heads)]
         parts.append(v.reshape(B, Lc, ctx.kv_heads, D))
         send = torch.cat([_to_ranks(t, n) for t in parts], dim=3).contiguous()
-        pending.append(ctx.comm.all_to_all(send.view(n * B * Lc, -1), None, None, "attn_qkv",
-                                           async_op=True))  # fmt: skip
+        pending.append(
+            ctx.comm.all_to_all(send.view(n * B * Lc, -1), None, None, "attn_qkv", async_op=True)
+        )
     x = (ctx.heads + 2 * ctx.kv_heads) // n
     out = ln1_BLH.new_empty(B, n, L, x, D)
     for c, handle in enumerate(pending):
@@ -137,7 +111,7 @@ def a2a_out_gemm(ctx, out_BNSD, wo, chunks: int) -> torch.Tensor:
         send = o[:, :, c * Lc : (c + 1) * Lc].transpose(0, 1).reshape(n * B * Lc, nl * D)
         return ctx.comm.all_to_all(send, None, None, "attn_out", async_op=True)
 
-    pending, pieces = Ahead(start, chunks), []
+    pending, pieces = PiecesOneAhead(start, chunks), []
     for c in range(chunks):
         recv = pending.wait(c).view(n, B, Lc, nl, D).permute(1, 2, 0, 3, 4).reshape(B, Lc, -1)
         pieces.append(recv @ wo.T)
@@ -151,9 +125,6 @@ def ag_grouped_gemm_rs(ctx, x2, mine, gs_all, ids_all, first, w1, w3, w2, chunks
     order: source rank, then local token); ``gs_all`` their gate weights.
     Returns (out [T_l, H], saved dict for ``moe.gathered_backward``).
     """
-    from trainer.parallel.fp8comm import reduce_scatter_fp8
-    from trainer.parallel.moe import grouped_fwd
-
     T_l, H = x2.shape
     n, k, Tc = ctx.n, ctx.topk, T_l // chunks
     gathers = gather_pieces(ctx, x2, chunks)
@@ -167,8 +138,9 @@ def ag_grouped_gemm_rs(ctx, x2, mine, gs_all, ids_all, first, w1, w3, w2, chunks
         counts = torch.bincount(flat_ids[global_slots] - first, minlength=w1.shape[0]).tolist()
         x_c = gathers.wait(c)
         g_c = flat_gs[global_slots]
-        ys, fc1, fc3 = grouped_fwd(x_c[slots // k], g_c, list(enumerate(counts)), w1, w3, w2,
-                                   ctx.fp8)  # fmt: skip
+        ys, fc1, fc3 = grouped_fwd(
+            x_c[slots // k], g_c, list(enumerate(counts)), w1, w3, w2, ctx.fp8
+        )
         full = ys.new_zeros(n * Tc * k, H).index_copy(0, slots, ys).view(n * Tc, k, H).sum(1)
         if ctx.fp8:
             outs.append(reduce_scatter_fp8(ctx, full, "ffn_rs"))
@@ -183,10 +155,14 @@ def ag_grouped_gemm_rs(ctx, x2, mine, gs_all, ids_all, first, w1, w3, w2, chunks
         fc3s.append(fc3)
     out = torch.cat([h.wait() for h in outs])
     saved = {
-        "fc1": torch.cat(fc1s), "fc3": torch.cat(fc3s), "slot_sel": torch.cat(sel),
-        "tokens": torch.cat(toks), "gs": torch.cat(gates), "segments": segs,
+        "fc1": torch.cat(fc1s),
+        "fc3": torch.cat(fc3s),
+        "slot_sel": torch.cat(sel),
+        "tokens": torch.cat(toks),
+        "gs": torch.cat(gates),
+        "segments": segs,
         "piece_rows": piece_rows,
-    }  # fmt: skip
+    }
     return out, saved
 
 
@@ -208,7 +184,7 @@ def wo_bwd_a2a(ctx, d_h_BLH, wo, chunks: int):
         pieces = torch.stack([r.view(n, B, Lc, nl, D) for r in recvs], dim=2)
         return pieces.reshape(n, B, L, nl, D).permute(1, 3, 0, 2, 4).reshape(B, nl, n * L, D)
 
-    return Joined(pending, assemble)
+    return JoinedHandle(pending, assemble)
 
 
 def a2a_qkv_bwd(ctx, d_BSXD, ln1_fn, wqkv, positions, chunks: int):
@@ -228,7 +204,7 @@ def a2a_qkv_bwd(ctx, d_BSXD, ln1_fn, wqkv, positions, chunks: int):
         send = per_rank[:, :, c * Lc : (c + 1) * Lc].transpose(0, 1).reshape(n * B * Lc, X * D)
         return issue(ctx.comm.all_to_all, send, None, None, "attn_qkv")
 
-    pending = Ahead(start, chunks)
+    pending = PiecesOneAhead(start, chunks)
     ln1 = ln1_fn()
     d_ln1 = torch.empty_like(ln1)
     d_wqkv = torch.zeros_like(wqkv)
@@ -251,8 +227,6 @@ def a2a_qkv_bwd(ctx, d_BSXD, ln1_fn, wqkv, positions, chunks: int):
 def ag_grouped_gemm_rs_bwd(ctx, d_out, recompute_x2, w1, w3, w2, saved, side=None):
     """Backward of ``ag_grouped_gemm_rs`` piece by piece (same returns as
     ``moe.gathered_backward``); the inputs are re-gathered (SAR) in the same pieces."""
-    from trainer.parallel.moe import grouped_bwd_data, grouped_bwd_weights
-
     s = saved
     T_l, H = d_out.shape
     n, k, K = ctx.n, ctx.topk, ctx.chunks
@@ -270,15 +244,21 @@ def ag_grouped_gemm_rs_bwd(ctx, d_out, recompute_x2, w1, w3, w2, saved, side=Non
         tokens = s["tokens"][rows]  # rows of the whole gathered batch -> rows of piece c
         local = (tokens // T_l) * Tc + tokens % T_l - c * Tc
         dxs, dgs, dw2_c, dfc1, dfc3 = grouped_bwd_data(
-            ds.wait(c)[local], s["gs"][rows], segments, s["fc1"][rows], s["fc3"][rows],
-            w1, w3, w2, ctx.fp8,
-        )  # fmt: skip
+            ds.wait(c)[local],
+            s["gs"][rows],
+            segments,
+            s["fc1"][rows],
+            s["fc3"][rows],
+            w1,
+            w3,
+            w2,
+            ctx.fp8,
+        )
         dw2 += dw2_c
         d_x = dxs.new_zeros(n * Tc, H).index_add(0, local, dxs)
         rss.append(ctx.comm.reduce_scatter(d_x, "ffn_rs", async_op=True))
         d_g = dgs.new_zeros(n * Tc * k).index_copy(0, local * k + s["slot_sel"][rows] % k, dgs)
-        g_rss.append(ctx.comm.reduce_scatter(d_g.view(n * Tc, k).float(), "routing",
-                                             async_op=True))  # fmt: skip
+        g_rss.append(ctx.comm.reduce_scatter(d_g.view(n * Tc, k).float(), "routing", async_op=True))
         dw1_c, dw3_c = grouped_bwd_weights(xs.wait(c)[local], segments, dfc1, dfc3, w1)
         dw1 += dw1_c
         dw3 += dw3_c

@@ -1,4 +1,4 @@
-"""1F1B pipeline schedule over ``parallel.pp`` stages (PAPER.md section 1).
+"""1F1B pipeline schedule over ``parallel.pp`` stages (MegaScale-MoE (arXiv 2505.11432)).
 
 Stage s of P runs its M micro-batches as: min(P - s - 1, M) warm-up forwards,
 then alternating one forward / one backward, then the remaining backwards.
@@ -58,15 +58,17 @@ def theoretical_bubble(stages: int, micro_batches: int) -> float:
 class StageRunner:
     """Runs one stage's share of 1F1B for one optimizer step."""
 
-    def __init__(self, model: ParallelMoE, cfg: Config, pp_comm: Comm, peers,
-                 on_last_backward=None) -> None:  # fmt: skip
+    def __init__(
+        self, model: ParallelMoE, cfg: Config, pp_comm: Comm, peers, on_last_backward=None
+    ) -> None:
         self.model, self.cfg, self.pp = model, cfg, pp_comm
         self.on_last_backward = on_last_backward  # e.g. ZeroOptimizer.arm: DP buckets overlap
         self.prev_rank, self.next_rank = peers  # global ranks of neighbouring stages (or None)
         self.autocast = torch.autocast(
-            next(model.parameters()).device.type, torch.bfloat16,
+            next(model.parameters()).device.type,
+            torch.bfloat16,
             enabled=cfg.train.dtype == "bf16",
-        )  # fmt: skip
+        )
 
     def _act_shape(self, inputs: torch.Tensor) -> tuple[int, ...]:
         return (*inputs.shape, self.cfg.model.hidden)

@@ -15,25 +15,15 @@ batch-wide values.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from trainer.config import Config
-from trainer.parallel.comm import Comm
+from trainer.parallel.comm import Comms
 from trainer.parallel.pipeline import StageRunner
 from trainer.parallel.zero import ZeroOptimizer
-
-
-@dataclass
-class Comms:
-    """A rank's Comms over its groups; they share one CommStats."""
-
-    n: Comm
-    dp: Comm
-    pp: Comm
-    world: Comm
+from trainer.runtime import StepResult
 
 
 def parallel_train_step(
@@ -42,9 +32,7 @@ def parallel_train_step(
     micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
     cfg: Config,
     comms: Comms,
-):
-    from trainer.train import StepResult
-
+) -> StepResult:
     scale = 1.0 / (len(micro_batches) * cfg.parallel.dp)
     comm_before, exposed_before = comms.world.stats.totals()
     res = runner.run(micro_batches, scale)
@@ -70,7 +58,13 @@ def parallel_train_step(
     tokens = cfg.train.global_batch * cfg.model.seq_len
     assignments = tokens * cfg.model.topk * cfg.model.layers
     return StepResult(
-        float(totals[0]), float(totals[1]), grad_norm, int(totals[2]), assignments, skipped,
+        float(totals[0]),
+        float(totals[1]),
+        grad_norm,
+        int(totals[2]),
+        assignments,
+        skipped,
         bubble=float(totals[3]) / comms.world.size,
-        comm_s=comm_after - comm_before, exposed_s=exposed_after - exposed_before,
-    )  # fmt: skip
+        comm_s=comm_after - comm_before,
+        exposed_s=exposed_after - exposed_before,
+    )

@@ -3,12 +3,12 @@
 Parameters fall into two sync classes (and each into decay / no-decay, since
 AdamW decays matrices only):
 
-* replicated over the n ranks of a node (embedding, norms, router, LM head,
-  SP attention, shared experts): gradients are summed over n * dp
-  hierarchically - reduce-scatter inside the node, then the DP sync across
-  nodes - so each rank ends with 1/(n dp) of the buffer, steps AdamW on that
-  shard only, and the parameters come back with an all-gather across nodes,
-  then inside the node (PAPER.md section 2).
+* replicated over the n ranks of a node (embedding, norms, router, LM head, SP
+  attention, shared experts): gradients are summed over n * dp hierarchically -
+  reduce-scatter inside the node, then the DP sync across nodes - so each rank
+  ends with 1/(n dp) of the buffer, steps AdamW on that shard only, and the
+  parameters come back with an all-gather across nodes, then inside the node
+  (MegaScale-MoE (arXiv 2505.11432), parallelism section).
 * sharded over n (EP experts, TP slices): gradients are summed over dp only;
   each rank keeps 1/dp of its own buffer.
 
@@ -19,12 +19,12 @@ all-gather writes straight into the parameters.
 The DP sync (``comm.grad_sync``):
 
 * ``fp32_rs``: reduce-scatter of the FP32 buffer.
-* ``bf16_a2a`` (PAPER.md section 5): cast once to BF16, all-to-all inside the
-  DP group so each rank receives every peer's copy of its own shard, sum
-  those copies locally in FP32. Half the bytes of ``fp32_rs`` and no BF16
-  accumulation. The BF16 copy is written into the first half of the FP32
-  buffer's own memory and the all-to-all lands in the second half, so no
-  extra full-size buffer is allocated.
+* ``bf16_a2a`` (MegaScale-MoE (arXiv 2505.11432), communication compression):
+  cast once to BF16, all-to-all inside the DP group so each rank receives every
+  peer's copy of its own shard, sum those copies locally in FP32. Half the bytes
+  of ``fp32_rs`` and no BF16 accumulation. The BF16 copy is written into the
+  first half of the FP32 buffer's own memory and the all-to-all lands in the
+  second half, so no extra full-size buffer is allocated.
 
 The hierarchical sync is pipelined in ``SYNC_CHUNKS`` chunks: the buffer is laid
 out as [n, dp, chunks, c], so rank (i, d) owns the contiguous block [i, d]
@@ -115,8 +115,15 @@ class ZeroOptimizer:
     forward).
     """
 
-    def __init__(self, model: nn.Module, t: TrainConfig, n_comm: Comm, dp_comm: Comm,
-                 grad_sync: str, overlap: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        t: TrainConfig,
+        n_comm: Comm,
+        dp_comm: Comm,
+        grad_sync: str,
+        overlap: bool = False,
+    ) -> None:
         self.n_comm, self.dp_comm, self.grad_sync = n_comm, dp_comm, grad_sync
         self.overlap = overlap
         self.groups: list[FlatGroup] = []
@@ -124,21 +131,26 @@ class ZeroOptimizer:
             for replicated in (True, False):
                 for decay in (True, False):
                     params = [
-                        p for p in members
+                        p
+                        for p in members
                         if p.megamoe_replicated == replicated and (p.dim() >= 2) == decay
-                    ]  # fmt: skip
+                    ]
                     if params:
                         group = self._flatten(params, replicated, decay)
                         group.bucket = bucket
                         self.groups.append(group)
         self.adamw = torch.optim.AdamW(
             [
-                {"params": [g.master for g in self.groups if g.decay],
-                 "weight_decay": t.weight_decay},
+                {
+                    "params": [g.master for g in self.groups if g.decay],
+                    "weight_decay": t.weight_decay,
+                },
                 {"params": [g.master for g in self.groups if not g.decay], "weight_decay": 0.0},
             ],
-            lr=t.lr, betas=(t.beta1, t.beta2), foreach=True,
-        )  # fmt: skip
+            lr=t.lr,
+            betas=(t.beta1, t.beta2),
+            foreach=True,
+        )
         self.param_groups = self.adamw.param_groups
         self.armed = False
         self._waiting: dict[int, int] = {}
@@ -236,8 +248,9 @@ class ZeroOptimizer:
     def _finish(self, g: FlatGroup) -> torch.Tensor:
         if self._hierarchical(g):
             # Chunk k crosses nodes while chunk k + 1 is still reduced inside the node.
-            pieces = [self._dp_reduce(p.wait(), async_op=self.grad_sync == "fp32_rs")
-                      for p in g.inflight]  # fmt: skip
+            pieces = [
+                self._dp_reduce(p.wait(), async_op=self.grad_sync == "fp32_rs") for p in g.inflight
+            ]
             return torch.cat([p.wait() if hasattr(p, "wait") else p for p in pieces])
         if g.inflight:
             return g.inflight[0].wait()
@@ -307,8 +320,9 @@ class ZeroOptimizer:
         ]
 
         def finish():
-            intra = [self.n_comm.all_gather(p.wait(), "param_ag_node", async_op=True)
-                     for p in inter]  # fmt: skip
+            intra = [
+                self.n_comm.all_gather(p.wait(), "param_ag_node", async_op=True) for p in inter
+            ]
             for k, pending in enumerate(intra):
                 blocks[:, :, k].copy_(pending.wait().view(self.n_comm.size, self.dp_comm.size, -1))
 

@@ -254,8 +254,9 @@ def _fp8(name: str, layout: Layout) -> bool:
     return layout.implementation == "ideal" or name in TRAINER_FP8
 
 
-def _coll(name: str, kind: str, elems: float, partner: float, layout: Layout, dtype: str,
-          hw: Hardware):  # fmt: skip
+def _coll(
+    name: str, kind: str, elems: float, partner: float, layout: Layout, dtype: str, hw: Hardware
+):
     fp8 = _fp8(name, layout)
     if fp8 and kind == "rs" and layout.implementation == "trainer":
         kind = "a2a"  # reduce_scatter_fp8: an all-to-all of the partials, summed in FP32

@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from trainer.config import Config
+from trainer.config import Config, resolve_ffn
 from trainer.errors import ConfigError
 
 RECOMPUTE = ("sar", "full", "none")
@@ -90,13 +90,6 @@ class Layout:
             f"comm.grad_sync={self.grad_sync}",
             f"comm.fp8={str(self.fp8).lower()}",
         ]
-
-
-def resolve_ffn(ffn: str, topk: int, n: int) -> str:
-    """``auto`` as the trainer resolves it: all-to-all when k < n (volume 2k/n of AG/RS)."""
-    if ffn != "auto":
-        return ffn
-    return "ep_a2a" if topk < n else "ep_agrs"
 
 
 def dp_for(cfg: Config, gpus: int, n: int, pp: int) -> int:
