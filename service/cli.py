@@ -6,6 +6,7 @@ Subcommands available in this build:
 * ``megamoe data prepare --input PATHS --output DIR [--tokenizer byte|bpe] ...``
 * ``megamoe config show --config F [--set ...]`` prints the validated, resolved config.
 * ``megamoe plan --config F --gpus N [--gpu H800] [--global-batch B] [--json] [--search]``
+* ``megamoe checkpoint list DIR [--json]`` / ``megamoe checkpoint verify PATH``
 
 Errors a user can cause (bad config, missing data, bad flags) print one line
 ``megamoe: error: ...`` and exit with status 2; no traceback. torch-heavy
@@ -43,14 +44,67 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, args.overrides)
     if args.nproc < 1:
         raise MegamoeError(f"--nproc = {args.nproc} must be >= 1")
+    resume_from = None
+    if args.resume or args.resume_from:
+        from trainer.checkpoint.manager import resolve
+
+        found = resolve(cfg, args.resume, args.resume_from, lambda m: print(m, flush=True))
+        resume_from = str(found) if found else None
     if args.nproc == 1:
         from trainer.train import train
 
-        train(cfg, summary_path=args.summary_json)
+        train(cfg, summary_path=args.summary_json, resume_from=resume_from)
     else:
         from trainer.launch import launch
 
-        launch(cfg, args.nproc, args.summary_json)
+        launch(cfg, args.nproc, args.summary_json, resume_from)
+    return 0
+
+
+def _layout_text(layout: dict) -> str:
+    if not layout:
+        return "?"
+    ranks = layout.get("world", 1)
+    return (
+        f"n={layout.get('n')} dp={layout.get('dp')} pp={layout.get('pp')} "
+        f"{layout.get('attention')}/{layout.get('ffn_resolved')}, "
+        f"{ranks} rank{'s' if ranks != 1 else ''}"
+    )
+
+
+def _cmd_checkpoint_list(args: argparse.Namespace) -> int:
+    import json
+
+    from trainer.checkpoint import store
+
+    rows = [store.describe(e) for e in store.committed(args.dir)]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print(f"no committed checkpoints in {args.dir}")
+        return 0
+    print(f"{'step':>8}  {'MB':>8}  {'age':>8}  {'layout':<36}  path")
+    for r in rows:
+        age = "?" if r["age_s"] is None else f"{r['age_s'] / 60:.0f} min"
+        mb = f"{r['bytes'] / 1e6:.2f}"
+        print(f"{r['step']:>8}  {mb:>8}  {age:>8}  {_layout_text(r['layout']):<36}  {r['path']}")
+    return 0
+
+
+def _cmd_checkpoint_verify(args: argparse.Namespace) -> int:
+    from trainer.checkpoint import store
+
+    manifest = store.read_manifest(args.path)
+    problem = store.verify(args.path, manifest)
+    if problem:
+        print(f"checkpoint {args.path}: BAD: {problem}", file=sys.stderr)
+        return 1
+    files = manifest.get("files", {})
+    print(
+        f"checkpoint {args.path}: OK: step {manifest.get('step')}, {len(files)} files, "
+        f"{manifest.get('bytes', 0) / 1e6:.2f} MB, every sha256 matches"
+    )
     return 0
 
 
@@ -109,7 +163,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train)
     train.add_argument("--nproc", type=int, default=1, help="local ranks (default 1)")
     train.add_argument("--summary-json", metavar="PATH", help="write the run summary here")
+    resume = train.add_mutually_exclusive_group()
+    resume.add_argument(
+        "--resume",
+        action="store_true",
+        help="start from the newest committed checkpoint in checkpoint.dir (none: fresh)",
+    )
+    resume.add_argument("--resume-from", metavar="PATH", help="start from this checkpoint")
     train.set_defaults(func=_cmd_train)
+
+    ckpt = sub.add_parser("checkpoint", help="inspect checkpoints").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    listing = ckpt.add_parser("list", help="committed checkpoints in a directory, newest first")
+    listing.add_argument("dir", metavar="DIR", help="a checkpoint.dir")
+    listing.add_argument("--json", action="store_true", help="a JSON list of objects")
+    listing.set_defaults(func=_cmd_checkpoint_list)
+    check = ckpt.add_parser("verify", help="re-read one checkpoint and check every checksum")
+    check.add_argument("path", metavar="PATH", help="a step-NNNNNNNN directory")
+    check.set_defaults(func=_cmd_checkpoint_verify)
 
     cfg = sub.add_parser("config", help="inspect configs").add_subparsers(
         dest="action", required=True, metavar="ACTION"

@@ -120,7 +120,8 @@ class DataConfig:
 class CheckpointConfig:
     dir: str = ""  # "" = no checkpoints
     interval: int = 0  # steps between checkpoints; 0 = none
-    keep: int = 2  # committed checkpoints kept on disk
+    keep: int = 2  # newest committed checkpoints kept on disk
+    keep_every: int = 0  # also keep every checkpoint at a step divisible by this; 0 = none
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,8 @@ POSITIVE = (
 NON_NEGATIVE = (
     "model.shared_experts model.shared_ffn_hidden model.capacity_factor model.balance_coef "
     "train.micro_batch train.lr train.min_lr train.warmup_steps train.weight_decay "
-    "train.grad_clip train.threads checkpoint.interval observe.metrics_port observe.peak_tflops"
+    "train.grad_clip train.threads checkpoint.interval checkpoint.keep_every "
+    "observe.metrics_port observe.peak_tflops"
 ).split()
 
 
@@ -310,6 +312,7 @@ def validate(cfg: Config) -> None:
     _validate_model(cfg.model)
     _validate_layout(cfg)
     _validate_train(cfg)
+    _validate_checkpoint(cfg.checkpoint)
     _require(
         cfg.observe.metrics_port <= 65535,
         f"observe.metrics_port = {cfg.observe.metrics_port} must be <= 65535",
@@ -351,6 +354,14 @@ def _validate_layout(cfg: Config) -> None:
         cfg.comm.chunks <= m.seq_len,
         f"comm.chunks = {cfg.comm.chunks} must be <= model.seq_len = {m.seq_len}",
     )
+
+
+def _validate_checkpoint(c: CheckpointConfig) -> None:
+    _require(
+        not c.interval or c.dir,
+        f"checkpoint.interval = {c.interval} needs checkpoint.dir (where to write them)",
+    )
+    _require(c.keep >= 1, f"checkpoint.keep = {c.keep} must be >= 1")
 
 
 def _validate_train(cfg: Config) -> None:

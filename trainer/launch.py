@@ -31,7 +31,9 @@ from trainer.runtime import Worker, pick_device
 from trainer.train import open_data, run
 
 
-def _worker(rank: int, cfg: Config, world: int, port: int, summary_path, peak: float) -> None:
+def _worker(
+    rank: int, cfg: Config, world: int, port: int, summary_path, peak: float, resume_from
+) -> None:
     device = pick_device(cfg.train.device)
     if device.type == "cuda":
         device = torch.device("cuda", rank % torch.cuda.device_count())
@@ -49,7 +51,7 @@ def _worker(rank: int, cfg: Config, world: int, port: int, summary_path, peak: f
         dims = ParallelDims.build(cfg, rank, world)
         comms = Comms.from_dims(dims, device)
         out = sys.stdout if rank == 0 else io.StringIO()
-        worker = Worker(rank, world, device, peak, dims, comms)
+        worker = Worker(rank, world, device, peak, dims, comms, resume_from)
         run(cfg, worker, summary_path if rank == 0 else None, out)
     finally:
         dist.destroy_process_group()
@@ -70,14 +72,17 @@ def machine_peak(cfg: Config, world: int) -> float:
         torch.set_num_threads(threads)
 
 
-def launch(cfg: Config, nproc: int, summary_path: str | None) -> None:
+def launch(
+    cfg: Config, nproc: int, summary_path: str | None, resume_from: str | None = None
+) -> None:
+    """Run ``nproc`` ranks; ``resume_from`` is a checkpoint already checked by the caller."""
     check_layout(cfg, nproc)
     open_data(cfg)  # a missing or mismatched corpus fails here, once, not on every rank
     peak = machine_peak(cfg, nproc)
     try:
         mp.start_processes(
             _worker,
-            args=(cfg, nproc, free_port(), summary_path, peak),
+            args=(cfg, nproc, free_port(), summary_path, peak, resume_from),
             nprocs=nproc,
             start_method="spawn",
         )

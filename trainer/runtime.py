@@ -68,6 +68,7 @@ class Progress:
     losses: list[float] = field(default_factory=list)  # every step since step 1
     balance_losses: list[float] = field(default_factory=list)
     resumed_step: int | None = None  # the checkpoint's step, when this run resumed
+    restore_s: float = 0.0  # seconds the restore took
 
     def advance(self, step: int, tokens: int, r: StepResult, sampler: dict[str, Any]) -> None:
         self.step = step

@@ -17,6 +17,7 @@ import resource
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any, TextIO
 
 import torch
@@ -29,7 +30,7 @@ from trainer.model import MoETransformer, flops_per_token, lm_loss, total_params
 from trainer.model.flops import activated_gemm_params
 from trainer.observe.mfu import peak_flops
 from trainer.observe.progress import RunLog, StepRecord
-from trainer.runtime import StepResult, Worker, pick_device
+from trainer.runtime import Progress, StepResult, Worker, pick_device
 
 
 def lr_at(step: int, t: TrainConfig) -> float:
@@ -138,29 +139,34 @@ def describe(cfg: Config, data: TokenData, device: torch.device, world: int = 1)
 def unbuilt_notes(cfg: Config) -> list[str]:
     """Settings that validate but have no effect in this build; said out loud, not ignored."""
     notes = []
-    if cfg.checkpoint.interval or cfg.checkpoint.dir:
-        notes.append("checkpoint.* is set but checkpointing is not available yet: no checkpoints")
     if cfg.observe.metrics_port:
         notes.append("observe.metrics_port is set but the Prometheus exporter is not available yet")
     return notes
 
 
-def train(cfg: Config, summary_path: str | None = None, out: TextIO = sys.stdout) -> dict[str, Any]:
+def train(
+    cfg: Config,
+    summary_path: str | None = None,
+    out: TextIO = sys.stdout,
+    resume_from: str | None = None,
+) -> dict[str, Any]:
     """Train in one process: the single-device reference of the configured layout."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
     peak = peak_flops(device, cfg.train.dtype, cfg.observe.peak_tflops)
-    return run(cfg, Worker(rank=0, world=1, device=device, peak_flops=peak), summary_path, out)
+    worker = Worker(rank=0, world=1, device=device, peak_flops=peak, resume_from=resume_from)
+    return run(cfg, worker, summary_path, out)
 
 
 def _build_step(cfg: Config, w: Worker):
-    """Optimizer, step function and this rank's (replica rows, sequence columns) of a batch."""
+    """Model, optimizer, step function and this rank's (replica rows, sequence columns)
+    of a batch."""
     if w.world == 1:
         model = build_model(cfg, w.device)
         optimizer = build_optimizer(model, cfg.train)
         step = lambda batches: train_step(model, optimizer, batches, cfg)  # noqa: E731
-        return optimizer, step, (slice(None), slice(None))
+        return model, optimizer, step, (slice(None), slice(None))
     from trainer.parallel.model import build_parallel_model
     from trainer.parallel.pipeline import StageRunner
     from trainer.parallel.step import parallel_train_step
@@ -181,7 +187,7 @@ def _build_step(cfg: Config, w: Worker):
         slice(d.n_index * L, (d.n_index + 1) * L),
     )
     step = lambda batches: parallel_train_step(runner, optimizer, batches, cfg, c)  # noqa: E731
-    return optimizer, step, shard
+    return model, optimizer, step, shard
 
 
 def optimizer_state_bytes(optimizer) -> int:
@@ -201,11 +207,13 @@ def run(cfg: Config, w: Worker, summary_path: str | None, out: TextIO) -> dict[s
     sampler = BatchSampler(
         data.num_tokens, cfg.model.seq_len, cfg.train.global_batch, cfg.train.seed
     )
-    optimizer, step_fn, shard = _build_step(cfg, w)
+    model, optimizer, step_fn, shard = _build_step(cfg, w)
     if w.rank == 0:
         print(describe(cfg, data, w.device, w.world), file=out, flush=True)
         for note in unbuilt_notes(cfg):
             print(f"note: {note}", file=out, flush=True)
+    progress = _resume(cfg, w, model, optimizer, sampler, out)
+    ckpt = _checkpointer(cfg, w, out)
     log = RunLog(
         total_steps=cfg.train.steps,
         flops_per_token=flops_per_token(cfg.model),
@@ -216,7 +224,7 @@ def run(cfg: Config, w: Worker, summary_path: str | None, out: TextIO) -> dict[s
     tokens_per_step = cfg.train.global_batch * cfg.model.seq_len
     wall_start = time.perf_counter()
     bubbles: list[float] = []
-    for step in range(1, cfg.train.steps + 1):
+    for step in range(progress.step + 1, cfg.train.steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg.train)
         batches = _micro_batches(data, sampler, cfg, w.device, shard)
@@ -228,25 +236,27 @@ def run(cfg: Config, w: Worker, summary_path: str | None, out: TextIO) -> dict[s
         if result.bubble is not None:
             bubbles.append(result.bubble)
         log.add(StepRecord.of(step, result, lr_at(step, cfg.train), seconds, tokens_per_step))
+        progress.advance(step, tokens_per_step, result, sampler.state_dict())
+        if ckpt and ckpt.due(step):
+            ckpt.save(step, progress, model, optimizer)
     if hasattr(optimizer, "wait_params"):
         optimizer.wait_params()  # the last step's prefetched parameter gathers
-    stats = w.comms.world.stats if w.comms else None
+    if ckpt:
+        ckpt.wait()  # the last save commits before the run reports
     summary = log.summary(
         wall_s=time.perf_counter() - wall_start,
+        **_comm_summary(w, len(log.records)),
         peak_memory_bytes=peak_memory_bytes(w.device),
         layout=_layout(cfg, w),
         optimizer_state_bytes=optimizer_state_bytes(optimizer),
         pipeline=_pipeline_summary(cfg, bubbles),
-        comm=stats.to_dict() if stats else {},
-        overlap_ratio=stats.overlap_ratio() if stats else None,
-        comm_per_step=stats.per_step(cfg.train.steps) if stats else {},
-        comm_bytes_by_tag=dict(sorted(stats.tags.items())) if stats else {},
-        comm_exposed_s_by_tag=dict(sorted(stats.tag_exposed.items())) if stats else {},
-        fp8_nonfinite=stats.nonfinite if stats else 0,
         device=str(w.device),
         dtype=cfg.train.dtype,
         data={"path": cfg.data.path, "tokens": data.num_tokens, "tokenizer": data.tokenizer_name},
         sampler=sampler.state_dict(),
+        skipped_steps_total=progress.skipped,
+        resumed_from=_resumed_from(w, progress),
+        checkpoint=ckpt.summary() if ckpt else None,
         config=cfg.to_dict(),
     )
     if w.rank == 0:
@@ -254,6 +264,63 @@ def run(cfg: Config, w: Worker, summary_path: str | None, out: TextIO) -> dict[s
         if summary_path:
             write_json_atomic(summary_path, summary)
     return summary
+
+
+def _resume(cfg: Config, w: Worker, model, optimizer, sampler, out: TextIO) -> Progress:
+    """The state of ``w.resume_from`` loaded into this rank (a fresh Progress without one)."""
+    if not w.resume_from:
+        return Progress()
+    from trainer.checkpoint.manager import restore
+
+    group = w.dims.checkpoint_group if w.dims else None
+    start = time.perf_counter()
+    progress = restore(Path(w.resume_from), cfg, w.rank, w.world, w.device, group, model, optimizer)
+    sampler.load_state_dict(progress.sampler)
+    progress.resumed_step = progress.step
+    progress.restore_s = time.perf_counter() - start
+    if w.rank == 0:
+        print(
+            f"resumed from {w.resume_from} at step {progress.step} "
+            f"({progress.tokens:,} tokens) in {progress.restore_s:.2f} s",
+            file=out,
+            flush=True,
+        )
+    return progress
+
+
+def _resumed_from(w: Worker, progress: Progress) -> dict[str, Any] | None:
+    if not w.resume_from:
+        return None
+    return {
+        "step": progress.resumed_step,
+        "path": str(w.resume_from),
+        "restore_s": progress.restore_s,
+    }
+
+
+def _checkpointer(cfg: Config, w: Worker, out: TextIO):
+    if not (cfg.checkpoint.dir and cfg.checkpoint.interval):
+        return None
+    from trainer.checkpoint.manager import Checkpointer
+
+    group = w.dims.checkpoint_group if w.dims else None
+    return Checkpointer(cfg, w.rank, w.world, w.device, group, _layout(cfg, w), out)
+
+
+def _comm_summary(w: Worker, steps: int) -> dict[str, Any]:
+    """Rank 0's collectives over this invocation (empty for one process)."""
+    stats = w.comms.world.stats if w.comms else None
+    if stats is None:
+        return {"comm": {}, "overlap_ratio": None, "comm_per_step": {}, "comm_bytes_by_tag": {},
+                "comm_exposed_s_by_tag": {}, "fp8_nonfinite": 0}  # fmt: skip
+    return {
+        "comm": stats.to_dict(),
+        "overlap_ratio": stats.overlap_ratio(),
+        "comm_per_step": stats.per_step(max(steps, 1)),
+        "comm_bytes_by_tag": dict(sorted(stats.tags.items())),
+        "comm_exposed_s_by_tag": dict(sorted(stats.tag_exposed.items())),
+        "fp8_nonfinite": stats.nonfinite,
+    }
 
 
 def _pipeline_summary(cfg: Config, bubbles: list[float]) -> dict[str, Any]:
@@ -281,6 +348,10 @@ def _layout(cfg: Config, w: Worker) -> dict[str, Any]:
 
 
 def _print_done(summary: dict[str, Any], out: TextIO) -> None:
+    if not summary["losses"]:
+        steps = summary["config"]["train"]["steps"]
+        print(f"done: nothing to run, the checkpoint is at step {steps}", file=out, flush=True)
+        return
     first, final = summary["losses"][0], summary["final_loss"]
     print(
         f"done: {summary['steps']} steps in {summary['wall_s']:.1f} s, loss {first:.4f} -> "

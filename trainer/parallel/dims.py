@@ -78,6 +78,7 @@ class ParallelDims:
     n_group: object = None  # the n ranks of this node (SP = EP)
     dp_group: object = None  # the dp replicas of this (pp stage, n index)
     pp_group: object = None  # the pp stages of this (dp replica, n index)
+    checkpoint_group: object = None  # every rank, gloo: checkpoint saves on their own thread
 
     @property
     def n_index(self) -> int:
@@ -114,4 +115,9 @@ class ParallelDims:
             rank,
             [[dims.rank_of(d, s, i) for s in range(p.pp)] for d in range(p.dp) for i in range(p.n)],
         )
+        # Checkpoint saves run DCP's collectives on a background thread: a group of their own
+        # keeps them from interleaving with the training's, and gloo serves them on GPUs too.
+        import torch.distributed as dist
+
+        dims.checkpoint_group = dist.new_group(backend="gloo")
         return dims

@@ -14,6 +14,8 @@ The residual stream is sequence-sharded in every mode: rank r holds tokens
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,39 +68,78 @@ def layer_ctx(cfg: Config, comm: Comm, rank: int, balanced_routing: bool = False
     )
 
 
+Piece = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+
+def _box(offsets, sizes) -> tuple[slice, ...]:
+    return tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True))
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a local parameter sits in the reference model's tensor ``name`` (full
+    ``shape``): ``pieces`` are (local offsets, reference offsets, sizes) boxes that
+    together make up the local tensor. Checkpoints use it to save and load every
+    parameter under its reference name, whatever the layout."""
+
+    name: str
+    shape: tuple[int, ...]
+    pieces: tuple[Piece, ...]
+
+    @classmethod
+    def whole(cls, name: str, shape) -> Placement:
+        shape = tuple(shape)
+        zeros = (0,) * len(shape)
+        return cls(name, shape, ((zeros, zeros, shape),))
+
+    def take(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's local tensor, cut from the full reference tensor."""
+        local = [
+            max(lo[d] + size[d] for lo, _, size in self.pieces) for d in range(len(self.shape))
+        ]
+        out = full.new_empty(local)
+        for local_off, ref_off, sizes in self.pieces:
+            out[_box(local_off, sizes)] = full[_box(ref_off, sizes)]
+        return out
+
+
 class Slicer:
     """Which part of a reference tensor a local parameter holds."""
 
     def __init__(self, cfg: Config, ctx: LayerCtx) -> None:
         self.cfg, self.ctx = cfg, ctx
 
-    def __call__(self, name: str, full: torch.Tensor) -> torch.Tensor:
+    def place(self, name: str, ref_name: str, shape) -> Placement:
+        """The Placement of local parameter ``name`` in reference tensor ``ref_name``."""
         c, m = self.ctx, self.cfg.model
         r, n, D = c.rank, c.n, m.head_dim
+        shape = tuple(shape)
+        zeros = (0,) * len(shape)
         if name == "wqkv" and c.attention == "tp":
             nl, gl = m.heads // n, m.kv_heads // n
-            q0, k0, v0 = (
-                r * nl * D,
-                m.heads * D + r * gl * D,
-                (m.heads + m.kv_heads) * D + r * gl * D,
+            starts = (r * nl * D, m.heads * D + r * gl * D, (m.heads + m.kv_heads) * D + r * gl * D)
+            rows = (nl * D, gl * D, gl * D)
+            local = (0, nl * D, (nl + gl) * D)
+            pieces = tuple(
+                ((lo, 0), (g, 0), (rr, shape[1]))
+                for lo, g, rr in zip(local, starts, rows, strict=True)
             )
-            return torch.cat(
-                [full[q0 : q0 + nl * D], full[k0 : k0 + gl * D], full[v0 : v0 + gl * D]]
-            )
+            return Placement(ref_name, shape, pieces)
         if name == "wo" and c.attention == "tp":
             nl = m.heads // n
-            return full[:, r * nl * D : (r + 1) * nl * D]
+            return Placement(ref_name, shape, ((zeros, (0, r * nl * D), (shape[0], nl * D)),))
         if name in ("w1", "w3", "w2"):
-            if c.ffn_mode == "tp":
-                fl = m.ffn_hidden // n
-                return (
-                    full[..., r * fl : (r + 1) * fl]
-                    if name != "w2"
-                    else full[:, r * fl : (r + 1) * fl]
-                )
-            el = m.experts // n
-            return full[r * el : (r + 1) * el]
-        return full
+            if c.ffn_mode == "tp":  # h_ffn is the last dim of w1 / w3, the middle one of w2
+                dim, width = (2 if name != "w2" else 1), m.ffn_hidden // n
+            else:
+                dim, width = 0, m.experts // n
+            offsets = tuple(r * width if d == dim else 0 for d in range(len(shape)))
+            sizes = tuple(width if d == dim else s for d, s in enumerate(shape))
+            return Placement(ref_name, shape, ((zeros, offsets, sizes),))
+        return Placement.whole(ref_name, shape)
+
+    def __call__(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        return self.place(name, name, full.shape).take(full)
 
     def replicated(self, name: str) -> bool:
         c = self.ctx
@@ -108,16 +149,21 @@ class Slicer:
 
 
 class ParallelBlock(nn.Module):
-    def __init__(self, cfg: Config, ctx: LayerCtx, ref_block: nn.Module) -> None:
+    """This rank's share of reference block ``layer`` (its index in the whole model)."""
+
+    def __init__(self, cfg: Config, ctx: LayerCtx, ref_block: nn.Module, layer: int) -> None:
         super().__init__()
         self.ctx = ctx
         slicer = Slicer(cfg, ctx)
         ref = dict(ref_block.named_parameters())
         self.names = [p for p in (*PARAM_NAMES, "sw1", "sw3", "sw2") if REF_NAMES[p] in ref]
         for name in self.names:
-            local = nn.Parameter(slicer(name, ref[REF_NAMES[name]].detach()).clone())
+            full = ref[REF_NAMES[name]].detach()
+            place = slicer.place(name, f"blocks.{layer}.{REF_NAMES[name]}", full.shape)
+            local = nn.Parameter(place.take(full))
             local.megamoe_replicated = slicer.replicated(name)
             local.megamoe_ref = REF_NAMES[name]
+            local.megamoe_place = place
             self.register_parameter(name, local)
 
     def forward(self, x_BLH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, LayerResult]:
@@ -154,8 +200,8 @@ class ParallelMoE(nn.Module):
         self.ctx = layer_ctx(cfg, comm, rank, balanced_routing)
         per = m.layers // stages
         self.blocks = nn.ModuleList(
-            ParallelBlock(cfg, self.ctx, b)
-            for b in reference.blocks[stage * per : (stage + 1) * per]
+            ParallelBlock(cfg, self.ctx, reference.blocks[layer], layer)
+            for layer in range(stage * per, (stage + 1) * per)
         )
         if self.first:
             self.embed = nn.Embedding(m.vocab_size, m.hidden)
@@ -169,6 +215,7 @@ class ParallelMoE(nn.Module):
             if not hasattr(p, "megamoe_replicated"):
                 p.megamoe_replicated = True
                 p.megamoe_ref = name
+                p.megamoe_place = Placement.whole(name, p.shape)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Tokens or residual stream in; logits (last stage) or residual stream out."""

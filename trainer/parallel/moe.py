@@ -33,7 +33,7 @@ from trainer.model.router import capacity_keep, group_capacity
 from trainer.parallel.comm import DoneHandle, JoinedHandle, PiecesOneAhead, issuer
 from trainer.parallel.fp8comm import all_gather_fp8, all_to_all_fp8, reduce_scatter_fp8
 from trainer.parallel.ops import grouped_bwd_data, grouped_bwd_weights, grouped_fwd, segments_of
-from trainer.parallel.pairs import ag_grouped_gemm_rs, ag_grouped_gemm_rs_bwd
+from trainer.parallel.pairs import ag_grouped_gemm_rs, ag_grouped_gemm_rs_bwd, rows_bwd_data
 
 # ---------------------------------------------------------------- router
 
@@ -259,16 +259,8 @@ def a2a_backward(ctx, d_out, recompute_x2, w1, w3, w2, saved, side=None):
         perm, segments = p["perm"], p["segments"]
         rows = slice(row, row + perm.numel())
         row = rows.stop
-        dxs, dgs, dw2_p, dfc1, dfc3 = grouped_bwd_data(
-            ds.wait(c)[perm],
-            s["gs"][rows],
-            segments,
-            s["fc1"][rows],
-            s["fc3"][rows],
-            w1,
-            w3,
-            w2,
-            ctx.fp8,
+        dxs, dgs, dw2_p, dfc1, dfc3 = rows_bwd_data(
+            ctx, ds.wait(c)[perm], s, rows, segments, w1, w3, w2
         )
         dw2 += dw2_p
         d_recv_x = dxs.new_zeros(p["rows"], H).index_copy(0, perm, dxs)

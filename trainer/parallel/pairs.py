@@ -52,6 +52,13 @@ from trainer.parallel.fp8comm import all_gather_fp8, reduce_scatter_fp8
 from trainer.parallel.ops import grouped_bwd_data, grouped_bwd_weights, grouped_fwd, rope
 
 
+def rows_bwd_data(ctx, dy, saved, rows: slice, segments, w1, w3, w2):
+    """``grouped_bwd_data`` of the saved FFN rows ``rows`` (gates, FC1 and FC3 outputs)."""
+    return grouped_bwd_data(
+        dy, saved["gs"][rows], segments, saved["fc1"][rows], saved["fc3"][rows], w1, w3, w2, ctx.fp8
+    )
+
+
 def gather_pieces(ctx, rows, chunks: int, fp8: bool = False) -> PiecesOneAhead:
     """All-gathers of ``rows`` in ``chunks`` slices of local tokens, one ahead (FP8 in the
     backward's d(out) when ``comm.fp8``)."""
@@ -243,16 +250,8 @@ def ag_grouped_gemm_rs_bwd(ctx, d_out, recompute_x2, w1, w3, w2, saved, side=Non
         segments = s["segments"][c * El : (c + 1) * El]  # each piece lists every local expert
         tokens = s["tokens"][rows]  # rows of the whole gathered batch -> rows of piece c
         local = (tokens // T_l) * Tc + tokens % T_l - c * Tc
-        dxs, dgs, dw2_c, dfc1, dfc3 = grouped_bwd_data(
-            ds.wait(c)[local],
-            s["gs"][rows],
-            segments,
-            s["fc1"][rows],
-            s["fc3"][rows],
-            w1,
-            w3,
-            w2,
-            ctx.fp8,
+        dxs, dgs, dw2_c, dfc1, dfc3 = rows_bwd_data(
+            ctx, ds.wait(c)[local], s, rows, segments, w1, w3, w2
         )
         dw2 += dw2_c
         d_x = dxs.new_zeros(n * Tc, H).index_add(0, local, dxs)
