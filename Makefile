@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup demo test lint format proto clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ lint: setup
 
 test: setup lint
 	$(BIN)/python -m pytest -q tests
+
+# Regenerate the committed gRPC stubs (service/_gen) from proto/; a test fails when they are stale.
+proto: setup
+	$(BIN)/python -m service.protos
 
 format: setup
 	$(BIN)/ruff format .

@@ -7,6 +7,8 @@ Subcommands available in this build:
 * ``megamoe config show --config F [--set ...]`` prints the validated, resolved config.
 * ``megamoe plan --config F --gpus N [--gpu H800] [--global-batch B] [--json] [--search]``
 * ``megamoe checkpoint list DIR [--json]`` / ``megamoe checkpoint verify PATH``
+* ``megamoe serve [--host H] [--port P] [--etcd URL] [--state-dir D] [--token-file F] ...``
+* ``megamoe job submit|get|list|cancel|watch|logs --server HOST:PORT ...``
 
 Errors a user can cause (bad config, missing data, bad flags) print one line
 ``megamoe: error: ...`` and exit with status 2; no traceback. torch-heavy
@@ -152,6 +154,34 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from service.serve import serve
+
+    return serve(
+        args.host,
+        args.port,
+        args.etcd,
+        args.state_dir,
+        args.token_file,
+        args.tls_cert,
+        args.tls_key,
+        args.prefix,
+    )
+
+
+def _add_serve(sub) -> None:
+    serve = sub.add_parser("serve", help="run the control plane (gRPC job API)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=50051, help="0 = a free port")
+    serve.add_argument("--etcd", help="HOST:PORT of etcd (default: start a private one)")
+    serve.add_argument("--state-dir", default="runs/service", help="logs, jobs, embedded etcd")
+    serve.add_argument("--token-file", help="require this bearer token on JobService calls")
+    serve.add_argument("--tls-cert", help="serve TLS with this certificate (PEM)")
+    serve.add_argument("--tls-key", help="... and this private key (PEM)")
+    serve.add_argument("--prefix", default="/megamoe", help="etcd key prefix")
+    serve.set_defaults(func=_cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megamoe", description="Train mixture-of-experts language models (MegaScale-MoE)."
@@ -198,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     plan.add_argument("--search", action="store_true", help="rank the layouts that fit")
     plan.set_defaults(func=_cmd_plan)
+
+    _add_serve(sub)
+    from service import jobcli
+
+    jobcli.add_parser(sub)
 
     data = sub.add_parser("data", help="prepare training data").add_subparsers(
         dest="action", required=True, metavar="ACTION"

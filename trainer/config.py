@@ -246,24 +246,28 @@ def from_dict(tree: dict[str, Any]) -> Config:
     return cfg
 
 
+def parse_override(cfg: Config, item: str) -> tuple[str, str, Any]:
+    """(section, key, typed value) of one ``section.key=value`` string, or ConfigError."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    path, text = item.split("=", 1)
+    path = path.strip()
+    if path.count(".") != 1:
+        raise ConfigError(f"override key {path!r} must look like section.key")
+    section, key = path.split(".")
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown section [{section}] in override {item!r}")
+    hints = get_type_hints(type(getattr(cfg, section)))
+    if key not in hints:
+        raise ConfigError(f"unknown key {path} in override {item!r}")
+    return section, key, _parse_override_value(path, text, hints[key])
+
+
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Apply ``section.key=value`` strings; the result is validated again."""
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.key=value")
-        path, text = item.split("=", 1)
-        path = path.strip()
-        if path.count(".") != 1:
-            raise ConfigError(f"override key {path!r} must look like section.key")
-        section, key = path.split(".")
-        if section not in SECTIONS:
-            raise ConfigError(f"unknown section [{section}] in override {item!r}")
-        current = getattr(cfg, section)
-        hints = get_type_hints(type(current))
-        if key not in hints:
-            raise ConfigError(f"unknown key {path} in override {item!r}")
-        value = _parse_override_value(path, text, hints[key])
-        cfg = replace(cfg, **{section: replace(current, **{key: value})})
+        section, key, value = parse_override(cfg, item)
+        cfg = replace(cfg, **{section: replace(getattr(cfg, section), **{key: value})})
     validate(cfg)
     return cfg
 
@@ -277,14 +281,21 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"config file {path} does not exist") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    return loads(text, overrides, source=f"config file {path}")
+
+
+def loads(text: str, overrides: list[str] | None = None, source: str = "config") -> Config:
+    """Parse TOML text (a job spec's config, a file's content), apply overrides, validate.
+
+    ``source`` names the text in errors ("config file configs/tiny.toml")."""
     try:
         tree = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        raise ConfigError(f"{source} is not valid TOML: {exc}") from None
     try:
         cfg = from_dict(tree)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(f"{source.removeprefix('config file ')}: {exc}") from None
     return apply_overrides(cfg, overrides or [])
 
 

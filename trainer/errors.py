@@ -19,3 +19,7 @@ class DataError(MegamoeError):
 
 class CheckpointError(MegamoeError):
     """A checkpoint is missing, damaged, or does not fit the configured model."""
+
+
+class EtcdUnavailable(MegamoeError):
+    """etcd cannot be reached (refused, timed out, 5xx); the message names endpoint and action."""

@@ -1,0 +1,1 @@
+"""Elastic runs over etcd: the key schema, the etcd client, and torchrun's etcd-v3 rendezvous."""
