@@ -46,6 +46,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, args.overrides)
     if args.nproc < 1:
         raise MegamoeError(f"--nproc = {args.nproc} must be >= 1")
+    from trainer.launch import under_torchrun
+
+    if under_torchrun():
+        if args.nproc != 1:
+            raise MegamoeError("--nproc is for local runs; under torchrun the world is torchrun's")
+        from trainer.launch import run_rank
+
+        run_rank(cfg, args.summary_json, args.resume, args.resume_from)
+        return 0
     resume_from = None
     if args.resume or args.resume_from:
         from trainer.checkpoint.manager import resolve

@@ -1,4 +1,5 @@
-"""Start N local ranks for ``megamoe train --nproc N``.
+"""Start the ranks of ``megamoe train``: N local ones (``--nproc N``), or this process as
+one rank of a world that torchrun (or Slurm, or a person) started.
 
 The layout and the data are checked in the parent before any process or
 process group exists, so a bad layout fails with its numbers at once. Ranks
@@ -9,6 +10,11 @@ as one line naming the rank.
 
 On CPU all ranks share the machine: each rank gets cores / N threads and MFU
 is measured against the whole machine's GEMM peak (probed with every core).
+
+Under torchrun (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` in the
+environment) ``megamoe train`` runs as that rank: the process group comes from
+the environment, rank 0 picks the checkpoint to resume from (``--resume``) and
+tells the others, and only rank 0 prints progress and writes the summary.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from trainer.config import Config
-from trainer.errors import MegamoeError
+from trainer.errors import ConfigError, MegamoeError
 from trainer.observe.mfu import peak_flops
 from trainer.parallel.comm import Comms
 from trainer.parallel.dims import ParallelDims, check_layout
@@ -94,3 +100,57 @@ def launch(
             f"rank {exc.error_index} exited with code {exc.exit_code}"
             + (f" (signal {exc.signal_name})" if exc.signal_name else "")
         ) from None
+
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def under_torchrun() -> bool:
+    """True when this process is one rank of a world started by torchrun (or the like)."""
+    return all(v in os.environ for v in TORCHRUN_VARS)
+
+
+def run_rank(cfg: Config, summary_path: str | None, resume: bool, resume_from: str | None) -> None:
+    """Train as rank $RANK of $WORLD_SIZE (the process group from the environment)."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local, local_world = int(os.environ["LOCAL_RANK"]), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if world == 1:
+        raise ConfigError("torchrun started one process: run `megamoe train` without torchrun")
+    check_layout(cfg, world)
+    device = pick_device(cfg.train.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // local_world))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method="env://", timeout=INIT_TIMEOUT)
+    try:
+        path = _agree_on_checkpoint(cfg, rank, resume, resume_from)
+        dims = ParallelDims.build(cfg, rank, world)
+        comms = Comms.from_dims(dims, device)
+        out = sys.stdout if rank == 0 else io.StringIO()
+        worker = Worker(rank, world, device, machine_peak(cfg, world), dims, comms, path)
+        run(cfg, worker, summary_path if rank == 0 else None, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _agree_on_checkpoint(cfg: Config, rank: int, resume: bool, resume_from: str | None):
+    """Rank 0 resolves the checkpoint (warnings included) and broadcasts it, or its error."""
+    choice: list = [None]
+    if rank == 0 and (resume or resume_from):
+        from trainer.checkpoint.manager import resolve
+
+        open_data(cfg)
+        try:
+            found = resolve(cfg, resume, resume_from, lambda m: print(m, flush=True))
+            choice[0] = ("ok", str(found) if found else None)
+        except MegamoeError as exc:
+            choice[0] = ("error", str(exc))
+    dist.broadcast_object_list(choice, src=0)
+    if choice[0] is None:
+        return None
+    status, value = choice[0]
+    if status == "error":
+        raise MegamoeError(value)
+    return value

@@ -311,8 +311,14 @@ def _comm_summary(w: Worker, steps: int) -> dict[str, Any]:
     """Rank 0's collectives over this invocation (empty for one process)."""
     stats = w.comms.world.stats if w.comms else None
     if stats is None:
-        return {"comm": {}, "overlap_ratio": None, "comm_per_step": {}, "comm_bytes_by_tag": {},
-                "comm_exposed_s_by_tag": {}, "fp8_nonfinite": 0}  # fmt: skip
+        return {
+            "comm": {},
+            "overlap_ratio": None,
+            "comm_per_step": {},
+            "comm_bytes_by_tag": {},
+            "comm_exposed_s_by_tag": {},
+            "fp8_nonfinite": 0,
+        }
     return {
         "comm": stats.to_dict(),
         "overlap_ratio": stats.overlap_ratio(),

@@ -1,12 +1,9 @@
 """Shared fixtures for whole-command tests: run `megamoe` as a subprocess, the demo corpus."""
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,17 +18,6 @@ def megamoe(*args, cwd=ROOT, timeout=240):
         text=True,
         timeout=timeout,
     )
-
-
-@pytest.fixture(scope="session")
-def demo_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "demo"
-    res = megamoe("data", "prepare", "--stdlib", "--output", str(out), "--quiet")
-    assert res.returncode == 0, res.stderr
-    assert "prepared" in res.stdout
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["num_tokens"] > 5_000_000  # the stdlib is ~12 MB of source
-    return out
 
 
 def one_line_error(res):

@@ -21,6 +21,11 @@ def test_the_service_is_in_the_generated_module():
     service = jobs_pb2.DESCRIPTOR.services_by_name["JobService"]
     assert service.full_name == "megamoe.v1.JobService"
     assert {m.name for m in service.methods} == {
-        "CreateJob", "GetJob", "ListJobs", "CancelJob", "WatchJob", "GetJobLogs",
-    }  # fmt: skip
+        "CreateJob",
+        "GetJob",
+        "ListJobs",
+        "CancelJob",
+        "WatchJob",
+        "GetJobLogs",
+    }
     assert hasattr(jobs_pb2_grpc, "JobServiceServicer")
