@@ -6,13 +6,13 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 
 import pytest
 
-from tests.e2e.conftest import ROOT, megamoe, one_line_error
+from tests.e2e.conftest import megamoe, one_line_error
+from tests.procs import kill_group, start
 
 KILL_STEPS = 20  # long enough that the kill lands before the end, short enough for CI
 INTERVAL = 4
@@ -47,16 +47,7 @@ def _committed(ckpt):
 def _run_and_kill(args, ckpt, after_step):
     """Start the run in its own session; SIGKILL the whole group once it has logged
     ``after_step`` and committed a checkpoint. Returns the steps it had logged."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start([sys.executable, "-m", "service.cli", *args])
     logged, deadline = 0, time.monotonic() + 240
     try:
         for line in proc.stdout:
@@ -70,9 +61,7 @@ def _run_and_kill(args, ckpt, after_step):
             pytest.fail(f"the run ended at step {logged} before it could be killed")
         assert proc.wait(timeout=60) == -signal.SIGKILL
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=60)
+        kill_group(proc)
     return logged
 
 

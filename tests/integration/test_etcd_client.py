@@ -9,25 +9,10 @@ import urllib.request
 
 import pytest
 
+from tests.procs import wait_until
 from trainer.elastic.etcd import Etcd, EtcdRequestError, EtcdUnavailable, WatchEvent, start_etcd
 
 WAIT_S = 5.0  # a watch event or a state change on a loopback etcd comes far sooner
-
-
-def wait_until(condition, timeout: float, what: str) -> float:
-    """Poll ``condition`` until it holds; returns the seconds it took."""
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"{what} did not happen within {timeout} s")
-        time.sleep(0.05)
-    return time.monotonic() - start
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with start_etcd(tmp_path_factory.mktemp("etcd")) as running:
-        yield running
 
 
 @pytest.fixture
@@ -41,8 +26,8 @@ def lone_server(tmp_path):
 
 
 @pytest.fixture
-def etcd(server):
-    return Etcd(server.endpoint, timeout=5.0)
+def etcd(etcd_server):
+    return Etcd(etcd_server.endpoint, timeout=5.0)
 
 
 @pytest.fixture
@@ -229,14 +214,14 @@ def test_a_stopped_etcd_gives_one_clear_error_naming_endpoint_and_action(lone_se
 
 
 @pytest.mark.timeout(30)
-def test_endpoints_with_and_without_a_scheme_reach_the_same_etcd(server, prefix):
-    Etcd(server.endpoint).put(prefix + "k", "v")
-    assert Etcd(f"http://{server.endpoint}/").get(prefix + "k")[0] == b"v"
+def test_endpoints_with_and_without_a_scheme_reach_the_same_etcd(etcd_server, prefix):
+    Etcd(etcd_server.endpoint).put(prefix + "k", "v")
+    assert Etcd(f"http://{etcd_server.endpoint}/").get(prefix + "k")[0] == b"v"
     for bad in ("", "unix:///tmp/etcd.sock", "127.0.0.1:notaport", "http://h:1/v3"):
         with pytest.raises(ValueError, match="must look like host:port"):
             Etcd(bad)
 
 
 @pytest.mark.timeout(10)
-def test_start_etcd_leaves_its_log_in_the_data_dir(server):
-    assert server.log_path.exists() and server.log_path.stat().st_size > 0
+def test_start_etcd_leaves_its_log_in_the_data_dir(etcd_server):
+    assert etcd_server.log_path.exists() and etcd_server.log_path.stat().st_size > 0

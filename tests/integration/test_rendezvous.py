@@ -2,11 +2,7 @@
 store's c10d semantics, and two real torchrun agents forming one world of four workers
 whose keys vanish with the run's lease after the agents exit."""
 
-import contextlib
 import json
-import os
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -17,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from trainer.elastic.etcd import Etcd, start_etcd
+from tests.procs import wait_until
+from trainer.elastic.etcd import Etcd
 from trainer.elastic.keys import Keys
 from trainer.elastic.rendezvous import EtcdRendezvousBackend, EtcdStore, RunLease, run_lease_id
 
@@ -41,24 +38,10 @@ dist.destroy_process_group()
 """
 
 
-def wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen within {timeout} s")
-        time.sleep(0.1)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with start_etcd(tmp_path_factory.mktemp("etcd")) as running:
-        yield running
-
-
 @pytest.fixture
-def run(server):
+def run(etcd_server):
     """(etcd, keys, run id, the run's lease) for a run id of the test's own."""
-    etcd, keys, run_id = Etcd(server.endpoint), Keys(PREFIX), uuid.uuid4().hex
+    etcd, keys, run_id = Etcd(etcd_server.endpoint), Keys(PREFIX), uuid.uuid4().hex
     return etcd, keys, run_id, RunLease(etcd, run_lease_id(keys, run_id), ttl=30)
 
 
@@ -111,35 +94,8 @@ def test_the_store_behaves_like_c10d_through_torchs_prefix_store(run):
     assert store.delete_key("flag") and not store.check(["flag"])
 
 
-@pytest.fixture
-def agents():
-    """Start torchrun agents in their own sessions; kill their process groups afterwards."""
-    started = []
-
-    def spawn(command: list[str], log: Path) -> subprocess.Popen:
-        with open(log, "wb") as out:
-            process = subprocess.Popen(
-                command,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                env={**os.environ, "OMP_NUM_THREADS": "1"},
-            )
-        started.append(process)
-        return process
-
-    try:
-        yield spawn
-    finally:
-        for process in started:
-            with contextlib.suppress(ProcessLookupError):  # the group is gone already
-                os.killpg(process.pid, signal.SIGKILL)  # the agent and its workers
-            process.wait(timeout=30)
-
-
 @pytest.mark.timeout(120)
-def test_two_torchrun_agents_form_one_world_over_etcd_v3(server, agents, tmp_path):
+def test_two_torchrun_agents_form_one_world_over_etcd_v3(etcd_server, sessions, tmp_path):
     script, out = tmp_path / "worker.py", tmp_path / "out"
     script.write_text(WORKER)
     out.mkdir()
@@ -149,7 +105,7 @@ def test_two_torchrun_agents_form_one_world_over_etcd_v3(server, agents, tmp_pat
         "--nnodes=2",
         "--nproc-per-node=2",
         "--rdzv-backend=etcd-v3",
-        f"--rdzv-endpoint={server.endpoint}",
+        f"--rdzv-endpoint={etcd_server.endpoint}",
         f"--rdzv-id={run_id}",
         f"--rdzv-conf=prefix={PREFIX},lease_ttl={lease_ttl},join_timeout=60",
         "--local-addr=127.0.0.1",
@@ -160,7 +116,7 @@ def test_two_torchrun_agents_form_one_world_over_etcd_v3(server, agents, tmp_pat
         str(out),
     ]
     logs = [tmp_path / f"agent{i}.log" for i in range(2)]
-    processes = [agents(command, log) for log in logs]
+    processes = [sessions(command, log, OMP_NUM_THREADS="1") for log in logs]
     codes = [process.wait(timeout=90) for process in processes]
     assert codes == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
 
@@ -169,7 +125,7 @@ def test_two_torchrun_agents_form_one_world_over_etcd_v3(server, agents, tmp_pat
     assert {(r["world_size"], r["sum"]) for r in results} == {(4, 6.0)}
 
     # The rendezvous went through etcd under the configured prefix ...
-    etcd = Etcd(server.endpoint)
+    etcd = Etcd(etcd_server.endpoint)
     assert etcd.get(keys.rdzv_state(run_id)) is not None
     store_keys = [key for key, _, _ in etcd.get_prefix(keys.rdzv_store(run_id))]
     assert any(key.endswith("/MASTER_ADDR") for key in store_keys), store_keys

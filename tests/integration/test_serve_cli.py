@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import ROOT, megamoe
+from tests.procs import kill_group, start
 
 TOKEN = "t0ken-for-tests"
 
@@ -35,17 +36,8 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     (tmp / "token").write_text(TOKEN + "\n")
     state = tmp / "state"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     args = ["serve", "--port", "0", "--state-dir", str(state), "--token-file", str(tmp / "token")]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start([sys.executable, "-m", "service.cli", *args])
     try:
         deadline, lines = time.monotonic() + 60, []
         for line in proc.stdout:
@@ -58,9 +50,7 @@ def server(tmp_path_factory):
             pytest.fail("serve exited: " + "".join(lines))
         yield proc, f"127.0.0.1:{m.group(1)}", tmp, state
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        kill_group(proc)
         for pid in _pids_mentioning(str(state)):  # an embedded etcd left behind
             os.kill(pid, signal.SIGKILL)
 

@@ -12,7 +12,7 @@ from service.manager import JobManager
 from service.server import create_server
 from service.store import JobStore
 from tests.unit.test_job_spec import TINY
-from trainer.elastic.etcd import Etcd, start_etcd
+from trainer.elastic.etcd import Etcd
 from trainer.elastic.keys import Keys
 
 TOKEN = "s3cret-token"
@@ -20,14 +20,8 @@ AUTH = [("authorization", f"Bearer {TOKEN}")]
 
 
 @pytest.fixture(scope="module")
-def etcd(tmp_path_factory):
-    with start_etcd(tmp_path_factory.mktemp("etcd")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def api(etcd):
-    store = JobStore(Etcd(etcd.endpoint), Keys("/test-server"))
+def api(etcd_server):
+    store = JobStore(Etcd(etcd_server.endpoint), Keys("/test-server"))
     running = create_server(JobManager(store), token=TOKEN)
     channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
     try:

@@ -2,16 +2,13 @@
 rendezvous), no control plane: one world of 4 that trains exactly like `--nproc 4`."""
 
 import json
-import os
-import signal
-import subprocess
 import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import ROOT, megamoe
+from tests.e2e.conftest import megamoe
 from trainer.elastic.server import start_etcd
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
@@ -24,13 +21,12 @@ def _sets(demo_data):
 
 
 @pytest.mark.timeout(300)
-def test_two_torchrun_agents_train_like_four_local_ranks(demo_data, tmp_path):
+def test_two_torchrun_agents_train_like_four_local_ranks(demo_data, sessions, tmp_path):
     ref_summary = tmp_path / "ref.json"
     train = ["train", "--config", "configs/tiny.toml", *_sets(demo_data)]
     res = megamoe(*train, "--nproc", "4", "--summary-json", str(ref_summary), timeout=280)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = tmp_path / "torchrun.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with start_etcd(tmp_path / "etcd") as etcd:
         rdzv = [
             "--rdzv-backend=etcd-v3",
@@ -42,26 +38,8 @@ def test_two_torchrun_agents_train_like_four_local_ranks(demo_data, tmp_path):
         worker = ["--no-python", sys.executable, "-m", "service.cli", *train]
         command = [*agent, "--max-restarts=0", *worker, "--summary-json", str(summary)]
         logs = [tmp_path / f"agent{i}.log" for i in range(2)]
-        agents = []
-        try:
-            for log in logs:
-                with open(log, "w") as fh:
-                    agents.append(
-                        subprocess.Popen(
-                            command,
-                            cwd=ROOT,
-                            env=env,
-                            stdout=fh,
-                            stderr=subprocess.STDOUT,
-                            start_new_session=True,
-                        )
-                    )
-            codes = [a.wait(timeout=240) for a in agents]
-        finally:
-            for a in agents:
-                if a.poll() is None:
-                    os.killpg(a.pid, signal.SIGKILL)
-                    a.wait(timeout=30)
+        agents = [sessions(command, log) for log in logs]
+        codes = [a.wait(timeout=240) for a in agents]
     output = "\n".join(log.read_text()[-3000:] for log in logs)
     assert codes == [0, 0], output
     assert output.count(f"step 1/{STEPS}") == 1  # one progress display, from global rank 0
