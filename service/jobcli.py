@@ -12,26 +12,45 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import grpc
-from google.protobuf import json_format
-
-from service._gen.megamoe.v1 import jobs_pb2 as pb
-from service._gen.megamoe.v1 import jobs_pb2_grpc as pb_grpc
 from trainer.errors import MegamoeError
 
+if TYPE_CHECKING:
+    from service._gen.megamoe.v1 import jobs_pb2 as pb
+
 TIMEOUT_S = 30.0
+WATCH_RECONNECT_S = 120.0  # how long watch keeps reconnecting to an unreachable server
+STATES = ("pending", "running", "succeeded", "failed", "cancelled")
+STRAGGLER = {"off": 1, "report": 2, "replace": 3}
+
+
+def _api():
+    """grpc and the stubs, imported when a job command runs (not by `megamoe train`)."""
+    import grpc
+
+    from service._gen.megamoe.v1 import jobs_pb2, jobs_pb2_grpc
+
+    return grpc, jobs_pb2, jobs_pb2_grpc
 
 
 class ApiError(MegamoeError):
     pass
 
 
-def _stub(args) -> tuple[pb_grpc.JobServiceStub, list[tuple[str, str]]]:
+def _stub(args):
+    """(JobService stub, call metadata) for ``--server``, ``--token-file``, ``--ca-cert``."""
+    grpc, _, pb_grpc = _api()
     metadata = []
     if args.token_file:
-        token = Path(args.token_file).read_text().strip()
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            raise MegamoeError(
+                f"cannot read token file {args.token_file}: {exc.strerror}"
+            ) from None
         metadata.append(("authorization", f"Bearer {token}"))
     if args.ca_cert:
         creds = grpc.ssl_channel_credentials(Path(args.ca_cert).read_bytes())
@@ -42,6 +61,7 @@ def _stub(args) -> tuple[pb_grpc.JobServiceStub, list[tuple[str, str]]]:
 
 
 def _call(method, request, metadata, **kw):
+    grpc, _, _ = _api()
     try:
         return method(request, metadata=metadata, timeout=kw.get("timeout", TIMEOUT_S))
     except grpc.RpcError as exc:
@@ -49,11 +69,19 @@ def _call(method, request, metadata, **kw):
 
 
 def _summary(job: pb.Job) -> dict:
+    from google.protobuf import json_format
+
+    _, pb, _ = _api()
     s = job.status
     return {
         "job_id": job.job_id,
         "state": pb.JobState.Name(s.state),
-        "nodes": [json_format.MessageToDict(n) for n in s.nodes],
+        "nodes": [
+            json_format.MessageToDict(
+                n, always_print_fields_with_no_presence=True, preserving_proto_field_name=True
+            )
+            for n in s.nodes
+        ],
         "step": s.step,
         "total_steps": s.total_steps,
         "final_loss": s.final_loss if s.state == pb.SUCCEEDED else None,
@@ -63,6 +91,7 @@ def _summary(job: pb.Job) -> dict:
 
 
 def _print_job(job: pb.Job, as_json: bool) -> None:
+    _, pb, _ = _api()
     if as_json:
         print(json.dumps(_summary(job), indent=1))
         return
@@ -73,10 +102,13 @@ def _print_job(job: pb.Job, as_json: bool) -> None:
         line += f"  loss {s.last_loss:.4f}"
     if s.message:
         line += f"  ({s.message})"
+    if s.summary_path:
+        line += f"\n  summary: {s.summary_path}"
     print(line)
 
 
 def submit(args) -> int:
+    _, pb, _ = _api()
     stub, md = _stub(args)
     try:
         config = Path(args.config).read_text()
@@ -87,20 +119,31 @@ def submit(args) -> int:
         overrides=args.overrides,
         num_nodes=args.nodes,
         procs_per_node=args.procs_per_node,
-        restart=pb.RestartPolicy(max_restarts=args.max_restarts),
+        restart=pb.RestartPolicy(max_restarts=args.max_restarts, backoff_seconds=args.backoff),
+        straggler=STRAGGLER[args.straggler],
+        labels=dict(_label(item) for item in args.labels),
     )
     job = _call(stub.CreateJob, pb.CreateJobRequest(spec=spec, job_id=args.id or ""), md)
     _print_job(job, args.json)
     return 0
 
 
+def _label(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise MegamoeError(f"--label {item!r} must look like key=value")
+    return key, value
+
+
 def get(args) -> int:
+    _, pb, _ = _api()
     stub, md = _stub(args)
     _print_job(_call(stub.GetJob, pb.GetJobRequest(job_id=args.job_id), md), args.json)
     return 0
 
 
 def list_jobs(args) -> int:
+    _, pb, _ = _api()
     stub, md = _stub(args)
     state = pb.JobState.Value(args.state.upper()) if args.state else 0
     token, jobs = "", []
@@ -119,6 +162,7 @@ def list_jobs(args) -> int:
 
 
 def cancel(args) -> int:
+    _, pb, _ = _api()
     stub, md = _stub(args)
     job = _call(stub.CancelJob, pb.CancelJobRequest(job_id=args.job_id), md)
     if job.status.state in (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED):
@@ -129,26 +173,44 @@ def cancel(args) -> int:
 
 
 def watch(args) -> int:
+    """Events as lines, progress as one line that updates in place on a terminal.
+    A dropped connection is resumed after the last event seen (no gap, no repeat)."""
+    grpc, pb, _ = _api()
     stub, md = _stub(args)
-    request = pb.WatchJobRequest(job_id=args.job_id, after_seq=args.after)
-    state = pb.JOB_STATE_UNSPECIFIED
-    try:
-        for event in stub.WatchJob(request, metadata=md):
-            state = event.state
-            if event.type == "progress":
-                d = event.details
-                line = f"\r  step {d.get('step')}/{d.get('total_steps')}  loss {d.get('loss')}"
-                line += f"  {d.get('tokens_per_s')} tok/s  MFU {d.get('mfu')}  ETA {d.get('eta')}"
-                print(line, end="   ", flush=True)
-                continue
-            print(f"\n[{event.seq}] {event.type}: {event.message}", flush=True)
-    except grpc.RpcError as exc:
-        raise ApiError(f"{exc.code().name}: {exc.details()}") from None
+    after, state, pending_line = args.after, pb.JOB_STATE_UNSPECIFIED, False
+    tty = sys.stdout.isatty()
+    lost_since = None
+    while True:
+        request = pb.WatchJobRequest(job_id=args.job_id, after_seq=after)
+        try:
+            for event in stub.WatchJob(request, metadata=md):
+                lost_since = None
+                after, state = event.seq, event.state
+                if event.type == "progress" and tty:
+                    print(f"\r  {event.message}\033[K", end="", flush=True)
+                    pending_line = True
+                    continue
+                if pending_line:
+                    print()
+                    pending_line = False
+                stamp = time.strftime("%H:%M:%S", time.localtime(event.time.seconds))
+                print(f"[{event.seq:>3}] {stamp} {event.type}: {event.message}", flush=True)
+            break
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise ApiError(f"{exc.code().name}: {exc.details()}") from None
+            lost_since = lost_since or time.monotonic()
+            if time.monotonic() - lost_since > WATCH_RECONNECT_S:
+                raise ApiError(f"UNAVAILABLE: {exc.details()}") from None
+            time.sleep(1.0)
+    if pending_line:
+        print()
     print(f"{args.job_id}: {pb.JobState.Name(state)}")
     return 0 if state == pb.SUCCEEDED else 1
 
 
 def logs(args) -> int:
+    grpc, pb, _ = _api()
     stub, md = _stub(args)
     request = pb.GetJobLogsRequest(
         job_id=args.job_id, node=args.node, tail_lines=args.tail, follow=args.follow
@@ -178,7 +240,10 @@ def add_parser(sub) -> None:
     p.add_argument("--procs-per-node", type=int, default=1)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
     p.add_argument("--id", help="choose the job id (same id + same spec returns the job)")
-    p.add_argument("--max-restarts", type=int, default=0)
+    p.add_argument("--max-restarts", type=int, default=0, help="node restarts before FAILED")
+    p.add_argument("--backoff", type=float, default=0.0, help="seconds before the first restart")
+    p.add_argument("--straggler", choices=sorted(STRAGGLER), default="report")
+    p.add_argument("--label", dest="labels", action="append", default=[], metavar="K=V")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=submit)
     p = common(actions.add_parser("get", help="one job's status"))
@@ -186,7 +251,7 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=get)
     p = common(actions.add_parser("list", help="every job"))
-    p.add_argument("--state", help="only jobs in this state (pending, running, ...)")
+    p.add_argument("--state", choices=STATES, help="only jobs in this state")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=list_jobs)
     p = common(actions.add_parser("cancel", help="stop a job"))

@@ -7,17 +7,24 @@ directory (the embedded default, for a laptop or CI: the PyPI package
 containing ``serving on HOST:PORT`` once it serves. SIGTERM or SIGINT: health
 goes NOT_SERVING, in-flight calls get a grace period, the server exits; jobs
 keep running (their workers live in sessions of their own).
+
+The server runs the reconciler on a thread beside the API, with the local
+executor: each job node is a torchrun agent on this machine, its log and
+files under ``<state-dir>/jobs/<job>/``.
 """
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import threading
 from pathlib import Path
 
 from service.errors import Unavailable
+from service.executor import LocalExecutor
 from service.manager import JobManager
+from service.reconciler import Reconciler
 from service.server import create_server
 from service.store import JobStore
 from trainer.elastic.keys import DEFAULT_PREFIX, Keys
@@ -47,6 +54,11 @@ def serve(
 ) -> int:
     from trainer.elastic.etcd import Etcd, start_etcd
 
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stdout,
+    )
     if bool(tls_cert) != bool(tls_key):
         raise MegamoeError("--tls-cert and --tls-key go together")
     token = _read(token_file, "token file")
@@ -66,7 +78,11 @@ def serve(
             etcd.revision()
         except MegamoeError as exc:
             raise Unavailable(str(exc)) from None
-        manager = JobManager(JobStore(etcd, Keys(prefix)))
+        store = JobStore(etcd, Keys(prefix))
+        executor = LocalExecutor(state, etcd_endpoint, prefix)
+        manager = JobManager(store, logs=executor.logs)
+        reconciler = Reconciler(store, executor)
+        reconciler.start()
         running = create_server(manager, host, port, token, tls)
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -76,6 +92,7 @@ def serve(
         stop.wait()
         print("megamoe: shutting down (health NOT_SERVING, jobs keep running)", flush=True)
         running.stop(GRACE_S)
+        reconciler.stop()
     finally:
         if embedded is not None:
             embedded.stop()

@@ -32,6 +32,7 @@ from service.errors import status_of
 log = logging.getLogger("megamoe.server")
 SERVICE = pb.DESCRIPTOR.services_by_name["JobService"].full_name
 MAX_MESSAGE_BYTES = 1 << 20  # a spec is at most 64 KiB of TOML; nothing needs more
+LOG_CHUNK_CHARS = 64 * 1024  # a log comes back in chunks well below the message limit
 
 
 def _unary(method: Callable) -> Callable:
@@ -95,7 +96,8 @@ class JobServicer(pb_grpc.JobServiceServicer):
         for text in self.manager.logs(
             request.job_id, request.node, request.tail_lines, request.follow, context.is_active
         ):
-            yield pb.LogChunk(text=text)
+            for start in range(0, len(text), LOG_CHUNK_CHARS):
+                yield pb.LogChunk(text=text[start : start + LOG_CHUNK_CHARS])
 
 
 class _BearerAuth(grpc.ServerInterceptor):

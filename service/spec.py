@@ -1,6 +1,8 @@
 """Validation of a JobSpec, with the trainer's own config code (no second copy of its rules).
 
-``validate_spec`` returns the trainer Config the job will run with, or raises
+``validate_spec`` returns the trainer Config the job will run with (its
+``checkpoint.dir`` a placeholder when the spec sets none: the executor puts
+it under the job's directory), or raises
 InvalidArgument naming the field (``spec.num_nodes``, ``spec.overrides[2]``,
 ``spec.config_toml``, ...) and the reason. Besides the config itself it checks
 what only a job has: node and process counts against the config's layout
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+import tomllib
 
 from service.errors import InvalidArgument
 from trainer.config import Config, apply_overrides, loads, parse_override
@@ -31,6 +34,7 @@ JOB_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 LABEL_KEY = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?$")
 IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")
 STRAGGLER_VALUES = (0, 1, 2, 3)  # unspecified (= report), off, report, replace
+JOB_CHECKPOINT_DIR = "<job directory>/checkpoints"  # stands for the executor's choice
 
 
 def validate_job_id(job_id: str) -> None:
@@ -40,6 +44,21 @@ def validate_job_id(job_id: str) -> None:
             f"{job_id!r} must be 1-63 characters of a-z, 0-9 and '-', starting with a letter "
             "or digit",
         )
+
+
+def sets_checkpoint_dir(spec) -> bool:
+    """Whether the spec's TOML or one of its overrides names a checkpoint directory."""
+    try:
+        section = tomllib.loads(spec.config_toml).get("checkpoint", {})
+    except tomllib.TOMLDecodeError:
+        return False  # validate_spec reports it
+    if isinstance(section, dict) and section.get("dir"):
+        return True
+    for item in reversed(spec.overrides):  # the last one wins
+        key, _, value = item.partition("=")
+        if key.strip() == "checkpoint.dir":
+            return bool(value.strip().strip("'\""))
+    return False
 
 
 def validate_spec(spec) -> Config:
@@ -52,8 +71,10 @@ def validate_spec(spec) -> Config:
     _check_overrides(list(spec.overrides))
     _check_counts(spec.num_nodes, spec.procs_per_node)
     _check_policies(spec)
+    # The executor gives a job without checkpoint.dir one under its job directory.
+    defaults = [] if sets_checkpoint_dir(spec) else [f"checkpoint.dir={JOB_CHECKPOINT_DIR}"]
     try:
-        base = loads(spec.config_toml, [], source="spec.config_toml")
+        base = loads(spec.config_toml, defaults, source="spec.config_toml")
     except ConfigError as exc:
         reason = str(exc).removeprefix("spec.config_toml: ")
         raise InvalidArgument("spec.config_toml", reason) from None

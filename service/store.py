@@ -16,11 +16,37 @@ duplicate.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 from service._gen.megamoe.v1 import jobs_pb2 as pb
 from trainer.elastic.keys import Keys
+
+
+@dataclass
+class IndexEntry:
+    job_id: str
+    state: int  # pb.JobState
+    created_ns: int
+
+
+@dataclass
+class JobView:
+    """Everything under ``jobs/<job>/``, from one range read."""
+
+    job_id: str
+    spec: pb.JobSpec
+    cancel: bool = False
+    status: pb.JobStatus | None = None
+    status_revision: int = 0  # for put_status; 0 before the reconciler wrote one
+    ranks: dict[int, dict[str, Any]] = field(default_factory=dict)  # leased worker reports
+    checkpoint: dict[str, Any] | None = None  # newest commit (worker rank 0)
+    result: dict[str, Any] | None = None  # the finished run (worker rank 0)
+    event_seq: int = 0  # the last event's seq
+    event_seq_revision: int = 0
 
 
 class JobStore:
@@ -30,27 +56,59 @@ class JobStore:
     # ------------------------------------------------------------ specs (API)
 
     def create(self, job_id: str, spec: pb.JobSpec) -> bool:
-        """Store a new job's spec; False if the id is taken."""
-        return self.etcd.create(self.keys.spec(job_id), spec.SerializeToString(deterministic=True))
+        """Store a new job's spec and its index entry; False if the id is taken."""
+        spec_key = self.keys.spec(job_id)
+        entry = _index_value(pb.PENDING, time.time_ns())
+        return self.etcd.transaction(
+            [(spec_key, 0)],
+            [
+                (spec_key, spec.SerializeToString(deterministic=True), None),
+                (self.keys.index_entry(job_id), entry, None),
+            ],
+        )
 
     def spec(self, job_id: str) -> pb.JobSpec | None:
         got = self.etcd.get(self.keys.spec(job_id))
         return None if got is None else pb.JobSpec.FromString(got[0])
 
-    def job_ids(self) -> list[str]:
-        """Every job id, sorted."""
-        head = self.keys.jobs()
-        ids = set()
-        for key, _, _ in self.etcd.get_prefix(head):
-            if key.endswith("/spec"):
-                ids.add(key[len(head) : -len("/spec")])
-        return sorted(ids)
+    def view(self, job_id: str) -> JobView | None:
+        """The job's spec, cancel request, status and worker reports; None if no such job."""
+        head = self.keys.job(job_id)
+        found = {key[len(head) :]: (value, rev) for key, value, rev in self.etcd.get_prefix(head)}
+        if "spec" not in found:
+            return None
+        view = JobView(job_id, pb.JobSpec.FromString(found["spec"][0]), "cancel" in found)
+        if "status" in found:
+            view.status = pb.JobStatus.FromString(found["status"][0])
+            view.status_revision = found["status"][1]
+        if "event_seq" in found:
+            view.event_seq = int(found["event_seq"][0])
+            view.event_seq_revision = found["event_seq"][1]
+        for name, (value, _) in found.items():
+            if name.startswith("ranks/"):
+                view.ranks[int(name[len("ranks/") :])] = json.loads(value)
+        for name in ("checkpoint", "result"):
+            if name in found:
+                setattr(view, name, json.loads(found[name][0]))
+        return view
+
+    def index(self) -> list[IndexEntry]:
+        """Every job's id, state and creation time (small values: no spec is read)."""
+        head = self.keys.index()
+        out = []
+        for key, value, _ in self.etcd.get_prefix(head):
+            entry = json.loads(value)
+            out.append(
+                IndexEntry(key[len(head) :], pb.JobState.Value(entry["state"]), entry["created_ns"])
+            )
+        return out
+
+    def created_ns(self, job_id: str) -> int:
+        got = self.etcd.get(self.keys.index_entry(job_id))
+        return json.loads(got[0])["created_ns"] if got else time.time_ns()
 
     def request_cancel(self, job_id: str) -> None:
         self.etcd.put(self.keys.cancel(job_id), b"1")
-
-    def cancel_requested(self, job_id: str) -> bool:
-        return self.etcd.get(self.keys.cancel(job_id)) is not None
 
     # -------------------------------------------------- status (reconciler)
 
@@ -60,9 +118,42 @@ class JobStore:
         return None if got is None else (pb.JobStatus.FromString(got[0]), got[1])
 
     def put_status(self, job_id: str, status: pb.JobStatus, revision: int) -> bool:
-        """Replace the status written at ``revision`` (0: none yet); False if it moved on."""
-        data = status.SerializeToString(deterministic=True)
-        return self.etcd.compare_and_swap(self.keys.status(job_id), data, revision)
+        """Replace the status written at ``revision`` (0: none yet) and the job's index
+        entry, in one transaction; False if the status moved on meanwhile."""
+        key = self.keys.status(job_id)
+        entry = _index_value(status.state, status.create_time.ToNanoseconds())
+        return self.etcd.transaction(
+            [(key, revision)],
+            [
+                (key, status.SerializeToString(deterministic=True), None),
+                (self.keys.index_entry(job_id), entry, None),
+            ],
+        )
+
+    def commit(self, view: JobView, status: pb.JobStatus, events: list[pb.JobEvent]) -> bool:
+        """Write the job's new status, its index entry and ``events`` (numbered on from
+        ``view.event_seq``) in one transaction, if neither the status nor the event
+        counter moved since ``view`` was read; False otherwise (nothing written)."""
+        job_id = view.job_id
+        status_key, seq_key = self.keys.status(job_id), self.keys.event_seq(job_id)
+        entry = _index_value(status.state, status.create_time.ToNanoseconds())
+        puts = [
+            (status_key, status.SerializeToString(deterministic=True), None),
+            (self.keys.index_entry(job_id), entry, None),
+        ]
+        seq = view.event_seq
+        for event in events:
+            seq += 1
+            event.job_id, event.seq = job_id, seq
+            if not event.HasField("time"):
+                event.time.GetCurrentTime()
+            puts.append(
+                (self.keys.event(job_id, seq), event.SerializeToString(deterministic=True), None)
+            )
+        if events:
+            puts.append((seq_key, str(seq).encode(), None))
+        compares = [(status_key, view.status_revision), (seq_key, view.event_seq_revision)]
+        return self.etcd.transaction(compares, puts)
 
     def append_event(self, job_id: str, event: pb.JobEvent) -> int:
         """Give the event the next sequence number and store it; returns the number."""
@@ -117,6 +208,5 @@ class JobStore:
         return stream(), cancel
 
 
-def now_timestamp(msg) -> None:
-    """Set a Timestamp field to now."""
-    msg.FromNanoseconds(time.time_ns())
+def _index_value(state: int, created_ns: int) -> bytes:
+    return json.dumps({"state": pb.JobState.Name(state), "created_ns": created_ns}).encode()

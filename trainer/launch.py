@@ -15,6 +15,8 @@ Under torchrun (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` in the
 environment) ``megamoe train`` runs as that rank: the process group comes from
 the environment, rank 0 picks the checkpoint to resume from (``--resume``) and
 tells the others, and only rank 0 prints progress and writes the summary.
+Started by the control plane (``MEGAMOE_JOB_ID`` and ``MEGAMOE_ETCD`` set), each
+rank also reports its progress to etcd (``trainer.elastic.report``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from trainer.config import Config
-from trainer.errors import ConfigError, MegamoeError
+from trainer.elastic.report import ENV_RANKS_PER_HOST, Reporter
+from trainer.errors import MegamoeError
 from trainer.observe.mfu import peak_flops
 from trainer.parallel.comm import Comms
 from trainer.parallel.dims import ParallelDims, check_layout
@@ -114,35 +117,58 @@ def run_rank(cfg: Config, summary_path: str | None, resume: bool, resume_from: s
     """Train as rank $RANK of $WORLD_SIZE (the process group from the environment)."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local, local_world = int(os.environ["LOCAL_RANK"]), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    if world == 1:
-        raise ConfigError("torchrun started one process: run `megamoe train` without torchrun")
+    if world == 1:  # a 1 x 1 job: the single-process path, no process group
+        _run_alone(cfg, summary_path, resume, resume_from)
+        return
     check_layout(cfg, world)
     device = pick_device(cfg.train.device)
     if device.type == "cuda":
         device = torch.device("cuda", local % torch.cuda.device_count())
         torch.cuda.set_device(device)
-    torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // local_world))
+    # Ranks on this machine: the local executor runs all nodes on one host and says so.
+    sharing = int(os.environ.get(ENV_RANKS_PER_HOST, local_world))
+    torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // sharing))
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method="env://", timeout=INIT_TIMEOUT)
+    reporter = Reporter.from_env(rank)  # set when the control plane started this world
     try:
         path = _agree_on_checkpoint(cfg, rank, resume, resume_from)
         dims = ParallelDims.build(cfg, rank, world)
         comms = Comms.from_dims(dims, device)
         out = sys.stdout if rank == 0 else io.StringIO()
-        worker = Worker(rank, world, device, machine_peak(cfg, world), dims, comms, path)
+        worker = Worker(rank, world, device, machine_peak(cfg, world), dims, comms, path, reporter)
         run(cfg, worker, summary_path if rank == 0 else None, out)
     finally:
+        if reporter is not None:
+            reporter.close()
         dist.destroy_process_group()
 
 
+def _run_alone(cfg: Config, summary_path: str | None, resume: bool, resume_from: str | None):
+    from trainer.checkpoint.manager import resolve
+    from trainer.train import train
+
+    reporter = Reporter.from_env(0)
+    try:
+        found = None
+        if resume or resume_from:
+            open_data(cfg)
+            found = resolve(cfg, resume, resume_from, lambda m: print(m, flush=True))
+        train(cfg, summary_path, resume_from=str(found) if found else None, reporter=reporter)
+    finally:
+        if reporter is not None:
+            reporter.close()
+
+
 def _agree_on_checkpoint(cfg: Config, rank: int, resume: bool, resume_from: str | None):
-    """Rank 0 resolves the checkpoint (warnings included) and broadcasts it, or its error."""
+    """Rank 0 resolves the checkpoint (warnings included) and broadcasts it, or its error
+    (a missing corpus, a damaged checkpoint): every rank then fails with the same line."""
     choice: list = [None]
     if rank == 0 and (resume or resume_from):
         from trainer.checkpoint.manager import resolve
 
-        open_data(cfg)
         try:
+            open_data(cfg)
             found = resolve(cfg, resume, resume_from, lambda m: print(m, flush=True))
             choice[0] = ("ok", str(found) if found else None)
         except MegamoeError as exc:

@@ -39,6 +39,7 @@ class Worker:
     dims: ParallelDims | None = None  # when world > 1
     comms: Comms | None = None  # when world > 1
     resume_from: str | None = None  # the checkpoint to start from (checked by the launcher)
+    reporter: Any = None  # trainer.elastic.report.Reporter when the control plane runs us
 
 
 @dataclass

@@ -149,13 +149,16 @@ def train(
     summary_path: str | None = None,
     out: TextIO = sys.stdout,
     resume_from: str | None = None,
+    reporter: Any = None,
 ) -> dict[str, Any]:
     """Train in one process: the single-device reference of the configured layout."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
     peak = peak_flops(device, cfg.train.dtype, cfg.observe.peak_tflops)
-    worker = Worker(rank=0, world=1, device=device, peak_flops=peak, resume_from=resume_from)
+    worker = Worker(
+        rank=0, world=1, device=device, peak_flops=peak, resume_from=resume_from, reporter=reporter
+    )
     return run(cfg, worker, summary_path, out)
 
 
@@ -237,6 +240,8 @@ def run(cfg: Config, w: Worker, summary_path: str | None, out: TextIO) -> dict[s
             bubbles.append(result.bubble)
         log.add(StepRecord.of(step, result, lr_at(step, cfg.train), seconds, tokens_per_step))
         progress.advance(step, tokens_per_step, result, sampler.state_dict())
+        if w.reporter:
+            w.reporter.step(_report(log, progress))
         if ckpt and ckpt.due(step):
             ckpt.save(step, progress, model, optimizer)
     if hasattr(optimizer, "wait_params"):
@@ -263,7 +268,37 @@ def run(cfg: Config, w: Worker, summary_path: str | None, out: TextIO) -> dict[s
         _print_done(summary, out)
         if summary_path:
             write_json_atomic(summary_path, summary)
+        if w.reporter:
+            w.reporter.finished(
+                {
+                    "final_loss": summary["final_loss"],
+                    "steps": progress.step,
+                    "tokens": progress.tokens,
+                    "tokens_per_s": summary["tokens_per_s"],
+                    "mfu": summary["mfu"],
+                    "summary_path": str(Path(summary_path).resolve()) if summary_path else "",
+                }
+            )
     return summary
+
+
+REPORT_WINDOW = 10  # steps behind the reported tokens/s
+
+
+def _report(log: RunLog, progress: Progress) -> dict[str, Any]:
+    """What a rank tells the control plane after a step (loss is batch-wide on rank 0)."""
+    recent = log.records[-REPORT_WINDOW:]
+    seconds = sum(r.seconds for r in recent)
+    tokens_per_s = sum(r.tokens for r in recent) / seconds if seconds else 0.0
+    return {
+        "step": progress.step,
+        "total_steps": log.total_steps,
+        "tokens": progress.tokens,
+        "loss": recent[-1].loss,
+        "step_s": recent[-1].seconds,
+        "tokens_per_s": tokens_per_s,
+        "mfu": log.mfu(tokens_per_s),
+    }
 
 
 def _resume(cfg: Config, w: Worker, model, optimizer, sampler, out: TextIO) -> Progress:
@@ -304,7 +339,8 @@ def _checkpointer(cfg: Config, w: Worker, out: TextIO):
     from trainer.checkpoint.manager import Checkpointer
 
     group = w.dims.checkpoint_group if w.dims else None
-    return Checkpointer(cfg, w.rank, w.world, w.device, group, _layout(cfg, w), out)
+    on_commit = w.reporter.checkpoint if w.reporter and w.rank == 0 else None
+    return Checkpointer(cfg, w.rank, w.world, w.device, group, _layout(cfg, w), out, on_commit)
 
 
 def _comm_summary(w: Worker, steps: int) -> dict[str, Any]:

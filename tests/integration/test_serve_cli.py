@@ -2,67 +2,38 @@
 `megamoe job` commands, stock grpcurl through reflection, and a clean SIGTERM."""
 
 import json
-import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.conftest import ROOT, megamoe
-from tests.procs import kill_group, start
+from tests.integration.conftest import pids_mentioning, running_serve
 
 TOKEN = "t0ken-for-tests"
 
 
-def _pids_mentioning(text: str) -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if text in (proc / "cmdline").read_bytes().decode(errors="replace"):
-                    pids.append(int(proc.name))
-            except OSError:
-                continue
-    return pids
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, demo_data):
     tmp = tmp_path_factory.mktemp("serve")
     (tmp / "token").write_text(TOKEN + "\n")
     state = tmp / "state"
-    args = ["serve", "--port", "0", "--state-dir", str(state), "--token-file", str(tmp / "token")]
-    proc = start([sys.executable, "-m", "service.cli", *args])
-    try:
-        deadline, lines = time.monotonic() + 60, []
-        for line in proc.stdout:
-            lines.append(line)
-            m = re.search(r"serving on 127\.0\.0\.1:(\d+)", line)
-            if m:
-                break
-            assert time.monotonic() < deadline, "".join(lines)
-        else:
-            pytest.fail("serve exited: " + "".join(lines))
-        yield proc, f"127.0.0.1:{m.group(1)}", tmp, state
-    finally:
-        kill_group(proc)
-        for pid in _pids_mentioning(str(state)):  # an embedded etcd left behind
-            os.kill(pid, signal.SIGKILL)
+    with running_serve(state, "--token-file", str(tmp / "token")) as (proc, address):
+        yield proc, address, tmp, state, demo_data
 
 
 def job(server, *args):
-    _, address, tmp, _ = server
+    _, address, tmp, _, _ = server
     return megamoe("job", *args, "--server", address, "--token-file", str(tmp / "token"))
 
 
 @pytest.mark.timeout(120)
 def test_submit_get_list_through_the_cli(server):
-    submit = ("submit", "--config", "configs/tiny.toml", "--set", "parallel.n=2")
+    cheap = ("--set", "train.steps=2", "--set", f"data.path={server[4]}")
+    submit = ("submit", "--config", "configs/tiny.toml", "--set", "parallel.n=2", *cheap)
     res = job(server, *submit, "--nodes", "2", "--id", "cli-job", "--json")
     assert res.returncode == 0, res.stderr
     created = json.loads(res.stdout)
@@ -88,7 +59,8 @@ def test_grpcurl_lists_the_service_and_creates_a_job_from_json(server):
     assert listing.returncode == 0, listing.stderr
     assert "megamoe.v1.JobService" in listing.stdout.split()
     config = (ROOT / "configs/tiny.toml").read_text()
-    spec = {"config_toml": config, "num_nodes": 1, "procs_per_node": 1}
+    cheap = ["train.steps=2", f"data.path={server[4]}"]
+    spec = {"config_toml": config, "overrides": cheap, "num_nodes": 1, "procs_per_node": 1}
     body = json.dumps({"job_id": "from-grpcurl", "spec": spec})
     auth = f"authorization: Bearer {TOKEN}"
     method = "megamoe.v1.JobService/CreateJob"
@@ -105,10 +77,18 @@ def test_grpcurl_lists_the_service_and_creates_a_job_from_json(server):
 
 @pytest.mark.timeout(120)
 def test_sigterm_stops_the_server_and_its_embedded_etcd(server):
-    proc, _, _, state = server
-    assert _pids_mentioning(str(state))  # the embedded etcd runs with its data there
+    proc, _, _, state, _ = server
+    assert any(_is_etcd(p) for p in pids_mentioning(str(state)))  # its data is there
     proc.send_signal(signal.SIGTERM)
     rest = proc.stdout.read()
     assert proc.wait(timeout=60) == 0
     assert "shutting down" in rest
-    assert _pids_mentioning(str(state)) == []
+    assert not any(_is_etcd(p) for p in pids_mentioning(str(state)))
+
+
+def _is_etcd(pid: int) -> bool:
+    try:
+        argv0 = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")[0]
+    except OSError:
+        return False
+    return Path(argv0.decode()).name == "etcd"

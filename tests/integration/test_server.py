@@ -131,4 +131,4 @@ def test_cancel_records_a_request_and_is_idempotent(api):
     for _ in range(2):
         job = stub.CancelJob(pb.CancelJobRequest(job_id="to-cancel"), metadata=AUTH)
         assert job.job_id == "to-cancel"
-    assert store.cancel_requested("to-cancel")
+    assert store.view("to-cancel").cancel

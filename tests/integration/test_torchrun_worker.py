@@ -8,24 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import megamoe
+from tests.integration.conftest import REFERENCE_SETS, REFERENCE_STEPS
 from trainer.elastic.server import start_etcd
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
-STEPS = 4
 
 
-def _sets(demo_data):
-    sets = [f"data.path={demo_data}", f"train.steps={STEPS}", "parallel.n=2", "parallel.dp=2"]
-    return [x for s in sets for x in ("--set", s)]
-
-
-@pytest.mark.timeout(300)
-def test_two_torchrun_agents_train_like_four_local_ranks(demo_data, sessions, tmp_path):
-    ref_summary = tmp_path / "ref.json"
-    train = ["train", "--config", "configs/tiny.toml", *_sets(demo_data)]
-    res = megamoe(*train, "--nproc", "4", "--summary-json", str(ref_summary), timeout=280)
-    assert res.returncode == 0, res.stderr[-3000:]
+@pytest.mark.timeout(400)
+def test_two_torchrun_agents_train_like_four_local_ranks(
+    demo_data, reference_4, sessions, tmp_path
+):
+    sets = [*REFERENCE_SETS, f"data.path={demo_data}"]
+    train = ["train", "--config", "configs/tiny.toml", *[x for s in sets for x in ("--set", s)]]
     summary = tmp_path / "torchrun.json"
     with start_etcd(tmp_path / "etcd") as etcd:
         rdzv = [
@@ -42,7 +36,7 @@ def test_two_torchrun_agents_train_like_four_local_ranks(demo_data, sessions, tm
         codes = [a.wait(timeout=240) for a in agents]
     output = "\n".join(log.read_text()[-3000:] for log in logs)
     assert codes == [0, 0], output
-    assert output.count(f"step 1/{STEPS}") == 1  # one progress display, from global rank 0
-    got, want = json.loads(summary.read_text()), json.loads(ref_summary.read_text())
+    assert output.count(f"step 1/{REFERENCE_STEPS}") == 1  # one progress display, from rank 0
+    got, want = json.loads(summary.read_text()), reference_4
     assert got["layout"]["world"] == 4
     assert got["losses"] == want["losses"]

@@ -142,8 +142,10 @@ class Checkpointer:
         group,
         layout: dict[str, Any],
         out: TextIO,
+        on_commit: Callable[[int, str], None] | None = None,
     ) -> None:
         c = cfg.checkpoint
+        self.on_commit = on_commit  # (step, path) once a save is committed (rank 0)
         self.cfg, self.rank, self.world, self.device, self.group = cfg, rank, world, device, group
         self.root, self.interval, self.keep, self.keep_every = (
             c.dir,
@@ -243,6 +245,8 @@ class Checkpointer:
                 record["committed"] = True
                 record["total_s"] = durations["total_s"]
                 store.prune(self.root, self.keep, self.keep_every, fields["step"])
+                if self.on_commit:
+                    self.on_commit(fields["step"], str(path.resolve()))
         except SAVE_ERRORS as exc:  # reported; nothing committed; training goes on
             self._failed(record, exc)
         finally:

@@ -217,18 +217,26 @@ class Etcd:
         lease: Lease | None = None,
     ) -> bool:
         """Write ``key`` only if its mod_revision is ``expected_mod_revision`` (0: absent)."""
+        return self.transaction([(key, expected_mod_revision)], [(key, value, lease)])
+
+    def transaction(
+        self,
+        compares: list[tuple[str | bytes, int]],
+        puts: list[tuple[str | bytes, str | bytes, Lease | None]],
+    ) -> bool:
+        """Write every ``(key, value, lease)`` of ``puts`` at once, only if each
+        ``(key, mod_revision)`` of ``compares`` holds (0: absent); False otherwise."""
         txn = {
             "compare": [
-                {
-                    "key": _b64(key),
-                    "result": "EQUAL",
-                    "target": "MOD",
-                    "mod_revision": expected_mod_revision,
-                }
+                {"key": _b64(key), "result": "EQUAL", "target": "MOD", "mod_revision": rev}
+                for key, rev in compares
             ],
-            "success": [{"request_put": self._put_request(key, value, lease)}],
+            "success": [{"request_put": self._put_request(k, v, lease)} for k, v, lease in puts],
         }
-        return bool(self._post("/kv/txn", txn, f"updating {_text(key)}").get("succeeded", False))
+        action = f"updating {_text(puts[0][0])}" + (
+            f" and {len(puts) - 1} more" if puts[1:] else ""
+        )
+        return bool(self._post("/kv/txn", txn, action).get("succeeded", False))
 
     def delete(self, key: str | bytes) -> bool:
         """Delete ``key``; False when it did not exist."""

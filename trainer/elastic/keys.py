@@ -1,20 +1,26 @@
 """The etcd key schema: every key megamoe reads or writes, under one prefix. No torch.
 
-One writer per fact (docs/DESIGN of the control plane): the API writes specs and
-cancel requests, the reconciler job state, node state and events, each worker
-only its own progress and heartbeat (under a lease, so a dead worker's keys
-vanish by themselves), torchrun's rendezvous its own state. Values are JSON or
-protobuf bytes, never pickles.
+One writer per fact: the API writes specs, index entries of new jobs and
+cancel requests; the reconciler job status, node records, index states and
+events; each worker only its own progress (under a lease, so a dead worker's
+keys vanish by themselves) and rank 0 the run's checkpoint commits and
+result; torchrun's rendezvous its own state. Values are JSON or protobuf bytes,
+never pickles.
 
+    <prefix>/index/<job>                  {"state", "created_ns"}: ListJobs reads only these
     <prefix>/jobs/<job>/spec              JobSpec (API)
     <prefix>/jobs/<job>/cancel            cancel request (API)
     <prefix>/jobs/<job>/status            JobStatus (reconciler)
-    <prefix>/jobs/<job>/events/<seq>      one event; seq zero-padded (reconciler)
     <prefix>/jobs/<job>/event_seq         the last event's seq, advanced by compare-and-swap
-    <prefix>/jobs/<job>/nodes/<k>         node k's record: pid / pod, state (reconciler)
-    <prefix>/jobs/<job>/ranks/<r>/progress   step, loss, tokens/s, ... (worker r, leased)
+    <prefix>/jobs/<job>/ranks/<r>         step, loss, tokens/s, ... JSON (worker r, leased)
+    <prefix>/jobs/<job>/checkpoint        newest committed checkpoint JSON (worker rank 0)
+    <prefix>/jobs/<job>/result            final loss, summary path JSON (worker rank 0)
+    <prefix>/events/<job>/<seq>           one JobEvent; seq zero-padded (reconciler)
     <prefix>/rdzv/<run>/state             torchrun's rendezvous state (etcd-v3 backend)
     <prefix>/rdzv/<run>/store/<key>       torchrun's key-value store for that run
+
+Everything the reconciler needs about a job is under ``jobs/<job>/``, one range
+read; the events, which grow, live apart so that read stays small.
 """
 
 from __future__ import annotations
@@ -31,8 +37,11 @@ class Keys:
             raise ValueError(f"etcd prefix {prefix!r} must look like /name (no trailing slash)")
         self.prefix = prefix
 
-    def jobs(self) -> str:
-        return f"{self.prefix}/jobs/"
+    def index(self) -> str:
+        return f"{self.prefix}/index/"
+
+    def index_entry(self, job: str) -> str:
+        return f"{self.index()}{job}"
 
     def job(self, job: str) -> str:
         return f"{self.prefix}/jobs/{job}/"
@@ -46,26 +55,26 @@ class Keys:
     def status(self, job: str) -> str:
         return f"{self.job(job)}status"
 
-    def events(self, job: str) -> str:
-        return f"{self.job(job)}events/"
-
-    def event(self, job: str, seq: int) -> str:
-        return f"{self.events(job)}{seq:0{SEQ_DIGITS}d}"
-
     def event_seq(self, job: str) -> str:
         return f"{self.job(job)}event_seq"
-
-    def nodes(self, job: str) -> str:
-        return f"{self.job(job)}nodes/"
-
-    def node(self, job: str, index: int) -> str:
-        return f"{self.nodes(job)}{index}"
 
     def ranks(self, job: str) -> str:
         return f"{self.job(job)}ranks/"
 
-    def progress(self, job: str, rank: int) -> str:
-        return f"{self.ranks(job)}{rank}/progress"
+    def rank(self, job: str, rank: int) -> str:
+        return f"{self.ranks(job)}{rank}"
+
+    def checkpoint(self, job: str) -> str:
+        return f"{self.job(job)}checkpoint"
+
+    def result(self, job: str) -> str:
+        return f"{self.job(job)}result"
+
+    def events(self, job: str) -> str:
+        return f"{self.prefix}/events/{job}/"
+
+    def event(self, job: str, seq: int) -> str:
+        return f"{self.events(job)}{seq:0{SEQ_DIGITS}d}"
 
     def rdzv(self, run: str) -> str:
         return f"{self.prefix}/rdzv/{run}/"
@@ -75,11 +84,3 @@ class Keys:
 
     def rdzv_store(self, run: str) -> str:
         return f"{self.rdzv(run)}store/"
-
-    @staticmethod
-    def job_of(key: str, prefix: str) -> str | None:
-        """The job id in a key under ``<prefix>/jobs/``, or None."""
-        head = f"{prefix}/jobs/"
-        if not key.startswith(head):
-            return None
-        return key[len(head) :].split("/", 1)[0] or None

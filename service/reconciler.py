@@ -1,0 +1,388 @@
+"""The reconciler: it moves every job PENDING -> RUNNING -> SUCCEEDED | FAILED | CANCELLED.
+
+Two halves. ``decide`` is pure: from what etcd holds about a job (``JobView``)
+and what the executor sees of its nodes, it returns the next status, the nodes
+to start and stop, and the events that tell what happened. ``Reconciler`` does
+the effects: it polls the executor, stops and starts nodes, and commits the new
+status together with the events in one etcd transaction that fails if anyone
+else moved the job meanwhile (see ``JobStore.commit``). Nothing is kept in
+memory that matters: a restarted reconciler reads the same etcd, polls the
+same nodes (the local executor finds its nodes by pid and exit file) and goes on.
+
+Events carry the job's state before the change, except the last event of a
+change of state, which carries the new state: a watcher stops at the first
+event in a terminal state and has seen everything.
+
+Progress events: the workers' progress lands in the status continuously
+(GetJob), and as a ``progress`` event at most every ``progress_interval``
+seconds, which grows with the run's age (one per 1/1000 of the elapsed time, at
+least every 5 s), so a month-long run stays at a few thousand events.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from service._gen.megamoe.v1 import jobs_pb2 as pb
+from service.executor import Executor, NodeHandle, Observed
+from service.spec import validate_spec
+from service.store import JobStore, JobView
+from trainer.errors import EtcdUnavailable, MegamoeError
+
+log = logging.getLogger("megamoe.reconciler")
+
+TERMINAL = (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED)
+TICK_S = 0.5
+STOP_GRACE_S = 10.0
+MIN_PROGRESS_EVERY_S = 5.0
+MAX_NODE_EVENTS = 32  # per commit; more are summed up in one event (etcd caps a transaction)
+
+
+def progress_interval(elapsed_s: float) -> float:
+    return max(MIN_PROGRESS_EVERY_S, elapsed_s / 1000.0)
+
+
+@dataclass
+class Plan:
+    status: pb.JobStatus
+    start: list[int] = field(default_factory=list)
+    stop: list[int] = field(default_factory=list)
+    events: list[pb.JobEvent] = field(default_factory=list)
+
+    def changed(self, before: pb.JobStatus | None) -> bool:
+        return bool(self.start or self.stop or self.events) or before != self.status
+
+
+def _event(kind: str, message: str, state: int, node: int = -1, **details) -> pb.JobEvent:
+    return pb.JobEvent(
+        type=kind,
+        message=message,
+        state=state,
+        node=node,
+        details={k: str(v) for k, v in details.items()},
+    )
+
+
+def decide(
+    view: JobView,
+    observed: dict[int, Observed],
+    now_ns: int,
+    created_ns: int,
+    failure_lines: dict[int, str] | None = None,
+    last_progress_ns: int = 0,
+) -> Plan:
+    """The next step of one job (see the module doc). ``observed``: the executor's view
+    of each node the status says is running; ``failure_lines``: the log line that says why
+    nodes that exited."""
+    failure_lines = failure_lines or {}
+    spec = view.spec
+    if view.status is None:
+        status = pb.JobStatus(state=pb.PENDING, message="starting")
+        status.create_time.FromNanoseconds(created_ns)
+        for k in range(spec.num_nodes):
+            status.nodes.add(index=k, state=pb.NODE_PENDING)
+        world = spec.num_nodes * spec.procs_per_node
+        plan = Plan(status)
+        plan.events.append(
+            _event(
+                "created",
+                f"{spec.num_nodes} node(s) x {spec.procs_per_node} process(es), world {world}",
+                pb.PENDING,
+            )
+        )
+    else:
+        status = pb.JobStatus()
+        status.CopyFrom(view.status)
+        plan = Plan(status)
+    if status.state in TERMINAL:
+        return plan
+    old = status.state
+    _fold_progress(plan, view, now_ns, last_progress_ns)
+    running = [n for n in status.nodes if n.state == pb.NODE_RUNNING]
+
+    if view.cancel:
+        for node in running:
+            node.state, node.message = pb.NODE_STOPPED, "stopped by cancel"
+            plan.stop.append(node.index)
+        return _finish(plan, pb.CANCELLED, "cancelled", now_ns)
+
+    if status.state == pb.PENDING:
+        plan.start = [n.index for n in status.nodes]
+        for node in status.nodes:
+            node.state = pb.NODE_RUNNING
+        status.start_time.FromNanoseconds(now_ns)
+        status.state, status.message = pb.RUNNING, ""
+        plan.events.append(
+            _event("state", f"started {len(plan.start)} node(s)", pb.RUNNING, nodes=len(plan.start))
+        )
+        return plan
+
+    failed = []
+    for node in running:
+        seen = observed.get(node.index)
+        if seen is None or seen.running:
+            continue
+        node.exit_code = seen.exit_code or 0
+        node.signal = seen.signal or 0
+        if seen.exit_code == 0 and not seen.lost:
+            node.state, node.message = pb.NODE_SUCCEEDED, "exited with code 0"
+        else:
+            node.state = pb.NODE_FAILED
+            line = failure_lines.get(node.index, "")
+            node.message = seen.describe() + (f": {line}" if line else "")
+            failed.append(node)
+        if len([e for e in plan.events if e.type == "node_exited"]) < MAX_NODE_EVENTS:
+            plan.events.append(
+                _event(
+                    "node_exited",
+                    f"node {node.index} {node.message}",
+                    old,
+                    node.index,
+                    exit_code=node.exit_code,
+                    signal=node.signal,
+                )
+            )
+
+    if failed:
+        # the node whose log says why (megamoe's own error) before one that only saw a peer go
+        first = min(failed, key=lambda n: "megamoe: error" not in n.message)
+        for node in status.nodes:
+            if node.state == pb.NODE_RUNNING:
+                node.state, node.message = pb.NODE_STOPPED, f"stopped: node {first.index} failed"
+                plan.stop.append(node.index)
+        return _finish(plan, pb.FAILED, f"node {first.index} {first.message}", now_ns)
+
+    if all(n.state == pb.NODE_SUCCEEDED for n in status.nodes):
+        result = view.result or {}
+        if result.get("final_loss") is not None:
+            status.final_loss = float(result["final_loss"])
+            status.last_loss = status.final_loss
+        status.summary_path = result.get("summary_path", "")
+        for name, key in (("step", "steps"), ("tokens", "tokens")):
+            if key in result:
+                setattr(status, name, int(result[key]))
+        if not result:
+            message = "succeeded; the workers' final report did not reach etcd"
+        else:
+            message = f"succeeded: final loss {status.final_loss:.4f}"
+        return _finish(plan, pb.SUCCEEDED, message, now_ns)
+    return plan
+
+
+def _fold_progress(plan: Plan, view: JobView, now_ns: int, last_progress_ns: int) -> None:
+    """Rank 0's report and the newest checkpoint into the status (and events)."""
+    status = plan.status
+    report = view.ranks.get(0)
+    if report and report.get("step", 0) > status.step:
+        status.step = int(report["step"])
+        status.total_steps = int(report.get("total_steps", 0))
+        status.tokens = int(report.get("tokens", 0))
+        status.last_loss = float(report.get("loss", 0.0))
+        status.tokens_per_second = float(report.get("tokens_per_s", 0.0))
+        status.mfu = float(report.get("mfu", 0.0))
+        started = status.start_time.ToNanoseconds() or now_ns
+        due = last_progress_ns + progress_interval((now_ns - started) / 1e9) * 1e9
+        if now_ns >= due:
+            plan.events.append(
+                _event(
+                    "progress",
+                    progress_line(status),
+                    status.state,
+                    step=status.step,
+                    total_steps=status.total_steps,
+                    loss=f"{status.last_loss:.6g}",
+                    tokens_per_s=f"{status.tokens_per_second:.6g}",
+                    mfu=f"{status.mfu:.6g}",
+                )
+            )
+    ckpt = view.checkpoint
+    if ckpt and int(ckpt["step"]) > status.last_checkpoint_step:
+        status.last_checkpoint_step = int(ckpt["step"])
+        status.last_checkpoint = str(ckpt["path"])
+        plan.events.append(
+            _event(
+                "checkpoint",
+                f"checkpoint of step {ckpt['step']} committed: {ckpt['path']}",
+                status.state,
+                step=ckpt["step"],
+                path=ckpt["path"],
+            )
+        )
+
+
+def progress_line(status: pb.JobStatus) -> str:
+    """step, loss, tokens/s, MFU and ETA of a status, as one line."""
+    text = f"step {status.step}/{status.total_steps} | loss {status.last_loss:.4f}"
+    text += f" | {status.tokens_per_second / 1e3:.2f}k tok/s | MFU {100 * status.mfu:.2f}%"
+    if status.tokens_per_second > 0 and status.step and status.total_steps > status.step:
+        per_step = status.tokens / status.step
+        eta = (status.total_steps - status.step) * per_step / status.tokens_per_second
+        text += f" | ETA {_duration(eta)}"
+    return text
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _finish(plan: Plan, state: int, message: str, now_ns: int) -> Plan:
+    plan.status.state, plan.status.message = state, message
+    plan.status.end_time.FromNanoseconds(now_ns)
+    plan.events.append(_event("state", message, state))
+    return plan
+
+
+def record_started(plan: Plan, handles: dict[int, NodeHandle]) -> None:
+    """Put the started nodes' pids or pods into the plan's status and its start event."""
+    for node in plan.status.nodes:
+        handle = handles.get(node.index)
+        if handle is not None:
+            node.pid, node.pod = handle.pid, handle.pod
+    where = ", ".join(
+        f"node {k}: {'pod ' + h.pod if h.pod else 'pid ' + str(h.pid)}"
+        for k, h in sorted(handles.items())
+    )
+    for event in plan.events:
+        if event.type == "state" and event.state == pb.RUNNING:
+            event.message += f" ({where})"
+
+
+class Reconciler:
+    """Drives every unfinished job on a thread (``start``/``stop``), or one pass (``tick``)."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        executor: Executor,
+        tick_s: float = TICK_S,
+        grace_s: float = STOP_GRACE_S,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self.store, self.executor = store, executor
+        self.tick_s, self.grace_s, self.clock = tick_s, grace_s, clock
+        self._last_progress: dict[str, int] = {}
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._etcd_down = False
+
+    def start(self) -> None:
+        self.adopt()
+        self._thread = threading.Thread(target=self._run, name="megamoe-reconciler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.tick_s):
+            self.tick()
+
+    def adopt(self) -> None:
+        """Take over the running nodes of jobs an earlier control plane started."""
+        try:
+            entries = [e for e in self.store.index() if e.state == pb.RUNNING]
+        except EtcdUnavailable as exc:
+            log.warning("cannot adopt running jobs yet: %s", exc)
+            return
+        for entry in entries:
+            view = self.store.view(entry.job_id)
+            if view is None or view.status is None:
+                continue
+            for node in view.status.nodes:
+                if node.state == pb.NODE_RUNNING:
+                    handle = NodeHandle(node.pid, node.pod)
+                    alive = self.executor.adopt(entry.job_id, node.index, handle)
+                    log.info(
+                        "job %s node %d (%s): %s",
+                        entry.job_id,
+                        node.index,
+                        node.pod or node.pid,
+                        "adopted" if alive else "no longer running",
+                    )
+
+    def tick(self) -> None:
+        """One pass over every unfinished job."""
+        try:
+            entries = [e for e in self.store.index() if e.state not in TERMINAL]
+        except EtcdUnavailable as exc:
+            if not self._etcd_down:
+                log.warning("reconciler paused, etcd unreachable: %s", exc)
+            self._etcd_down = True
+            return
+        if self._etcd_down:
+            log.warning("etcd reachable again, reconciling")
+            self._etcd_down = False
+        for entry in entries:
+            try:
+                self.reconcile(entry.job_id, entry.created_ns)
+            except EtcdUnavailable as exc:
+                log.warning("job %s: etcd unreachable, retrying: %s", entry.job_id, exc)
+                return
+            except Exception:  # one broken job must not stop the others
+                log.exception("job %s: reconcile failed", entry.job_id)
+
+    def reconcile(self, job_id: str, created_ns: int) -> None:
+        view = self.store.view(job_id)
+        if view is None:
+            return
+        observed: dict[int, Observed] = {}
+        failure_lines: dict[int, str] = {}
+        if view.status is not None:
+            for node in view.status.nodes:
+                if node.state == pb.NODE_RUNNING:
+                    seen = self.executor.poll(job_id, node.index, NodeHandle(node.pid, node.pod))
+                    observed[node.index] = seen
+                    if not seen.running and seen.exit_code != 0:
+                        failure_lines[node.index] = self.executor.failure_line(job_id, node.index)
+        now = self.clock()
+        plan = decide(
+            view, observed, now, created_ns, failure_lines, self._last_progress.get(job_id, 0)
+        )
+        if not plan.changed(view.status):
+            return
+        for k in plan.stop:
+            node = plan.status.nodes[k]
+            self.executor.stop_node(job_id, k, NodeHandle(node.pid, node.pod), self.grace_s)
+        handles: dict[int, NodeHandle] = {}
+        if plan.start:
+            try:
+                validate_spec(view.spec)  # stored specs were valid; a newer server may differ
+                generation = sum(n.restarts for n in plan.status.nodes)
+                for k in plan.start:
+                    handles[k] = self.executor.start_node(job_id, view.spec, k, generation)
+            except (MegamoeError, OSError) as exc:
+                self._abort_start(job_id, plan, handles, exc, now)
+            else:
+                record_started(plan, handles)
+        if any(e.type == "progress" for e in plan.events):
+            self._last_progress[job_id] = now
+        if not self.store.commit(view, plan.status, plan.events):
+            log.warning("job %s moved on while reconciling; trying again", job_id)
+            for k, handle in handles.items():  # what we started is not on record
+                self.executor.stop_node(job_id, k, handle, self.grace_s)
+            return
+        for event in plan.events:
+            if event.type != "progress":
+                log.info("job %s: %s", job_id, event.message)
+
+    def _abort_start(
+        self, job_id: str, plan: Plan, handles: dict[int, NodeHandle], exc: Exception, now: int
+    ) -> None:
+        for k, handle in handles.items():
+            self.executor.stop_node(job_id, k, handle, self.grace_s)
+        record_started(plan, handles)
+        plan.events = [e for e in plan.events if e.type != "state"]
+        for node in plan.status.nodes:
+            node.state = pb.NODE_FAILED if node.index not in handles else pb.NODE_STOPPED
+        _finish(plan, pb.FAILED, f"could not start the job's nodes: {exc}", now)
