@@ -150,3 +150,13 @@ def test_readme_documents_every_key():
             assert f"`{name}.{f.name}`" in readme, (
                 f"{name}.{f.name} missing from README's configuration reference"
             )
+
+
+def test_an_override_can_complete_a_file(tmp_path):
+    """The rules between keys are checked after the overrides: a file that checkpoints
+    without naming a directory runs with --set checkpoint.dir=..., and fails without."""
+    path = tmp_path / "c.toml"
+    path.write_text("[checkpoint]\ninterval = 5\n")
+    assert config.load(path, ["checkpoint.dir=/tmp/x"]).checkpoint.dir == "/tmp/x"
+    with pytest.raises(ConfigError, match=r"checkpoint\.interval = 5 needs checkpoint\.dir"):
+        config.load(path)

@@ -107,3 +107,17 @@ def test_bad_job_ids(job_id):
 def test_unexpected_errors_never_leak_a_traceback():
     code, message = status_of(KeyError("boom"))
     assert code == grpc.StatusCode.INTERNAL and "boom" not in message
+
+
+def test_checkpointing_without_a_dir_is_completed_by_the_job_directory():
+    from service.spec import JOB_CHECKPOINT_DIR, sets_checkpoint_dir
+
+    plain = spec(overrides=["parallel.n=2", "checkpoint.interval=10"])
+    assert not sets_checkpoint_dir(plain)
+    assert validate_spec(plain).checkpoint.dir == JOB_CHECKPOINT_DIR  # the executor's choice
+    mine = spec(overrides=["parallel.n=2", "checkpoint.interval=10", "checkpoint.dir=/ckpt"])
+    assert sets_checkpoint_dir(mine) and validate_spec(mine).checkpoint.dir == "/ckpt"
+    in_toml = spec(config_toml=TINY.replace('dir = ""', 'dir = "/in/toml"'))
+    assert sets_checkpoint_dir(in_toml)
+    emptied = spec(overrides=["parallel.n=2", "checkpoint.dir=/a", "checkpoint.dir="])
+    assert not sets_checkpoint_dir(emptied)  # the last override wins

@@ -47,9 +47,10 @@ class Reporter:
         rank: int,
         interval: float = 1.0,
         out: TextIO | None = None,
+        final_flush_s: float = FINAL_FLUSH_S,
     ) -> None:
         self.etcd, self.keys, self.job_id, self.rank = etcd, keys, job_id, rank
-        self.interval = interval
+        self.interval, self.final_flush_s = interval, final_flush_s
         self.out = out if out is not None else sys.stderr
         self._lock = threading.Lock()
         self._latest: dict[str, Any] | None = None  # this rank's record, not yet written
@@ -140,11 +141,11 @@ class Reporter:
         return self._lease
 
     def close(self) -> None:
-        """Write what is pending (retrying up to FINAL_FLUSH_S), then drop the lease."""
+        """Write what is pending (retrying up to ``final_flush_s``), then drop the lease."""
         self._stopped.set()
         self._wake.set()
         self._thread.join()
-        deadline = time.monotonic() + FINAL_FLUSH_S
+        deadline = time.monotonic() + self.final_flush_s
         while not self._flush() and time.monotonic() < deadline:
             time.sleep(0.5)
         if self._keeper is not None:
