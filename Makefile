@@ -1,5 +1,6 @@
 # The two commands of README.md. Both work from a fresh clone on a fresh machine:
-#   make demo   sets up .venv, prepares the offline demo corpus, trains configs/tiny.toml
+#   make demo   sets up .venv, prepares the offline demo corpus, starts `megamoe serve` and
+#               runs configs/tiny.toml through it as 2 nodes x 1 process (scripts/demo.sh)
 #   make test   sets up .venv and runs lint + the whole test suite (what CI runs)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -22,7 +23,7 @@ data/demo/manifest.json: | setup
 	$(BIN)/megamoe data prepare --stdlib --output data/demo
 
 demo: setup data/demo/manifest.json
-	$(BIN)/megamoe train --config configs/tiny.toml --summary-json runs/tiny/summary.json
+	BIN=$(BIN) bash scripts/demo.sh
 
 lint: setup
 	$(BIN)/ruff check .
