@@ -2,12 +2,14 @@
 
     python bench/api_load.py [--clients 50] [--calls 100] [--json bench/results/api_load.json]
 
-Starts `megamoe serve` on a free loopback port with its embedded etcd, creates a
-few jobs, then runs the clients at once, each on its own channel, each call
-drawn from a fixed mix: CreateJob 20 %, GetJob 40 %, ListJobs 20 % (pages of
-20), CancelJob 10 %, GetJobLogs 10 %. WatchJob is left out: on a server
-without the reconciler no job ends, so a watch would only end by its deadline.
-Reports per method the calls, errors, p50 and p99 latency; exits 1 on any error.
+Starts a private etcd and `megamoe serve --executor none` on it (the API alone:
+the thousand jobs the clients create are stored, listed and cancelled, not
+run), seeds 20 jobs with a finished history of 8 events each (written through
+the store, as a reconciler would), then runs the clients at once, each on its
+own channel, each call drawn from a fixed mix: CreateJob 20 %, GetJob 40 %,
+ListJobs 20 % (pages of 20), CancelJob 10 %, WatchJob 10 % (a seeded job's
+whole history, to its terminal event). Reports per method the calls, errors,
+p50 and p99 latency; exits 1 on any error.
 """
 
 from __future__ import annotations
@@ -29,29 +31,33 @@ import grpc
 
 from service._gen.megamoe.v1 import jobs_pb2 as pb
 from service._gen.megamoe.v1 import jobs_pb2_grpc as pb_grpc
+from service.store import JobStore
 from trainer.atomic import write_json_atomic
+from trainer.elastic.etcd import Etcd, start_etcd
+from trainer.elastic.keys import Keys
 
 ROOT = Path(__file__).resolve().parents[1]
-MIX = [("CreateJob", 20), ("GetJob", 40), ("ListJobs", 20), ("CancelJob", 10), ("GetJobLogs", 10)]
+MIX = [("CreateJob", 20), ("GetJob", 40), ("ListJobs", 20), ("CancelJob", 10), ("WatchJob", 10)]
 SEED_JOBS = 20
+SEED_EVENTS = 8
 TIMEOUT_S = 30.0
 
 
-def _serve(state: Path) -> tuple[subprocess.Popen, str]:
+def _serve(state: Path, etcd: str) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "service.cli", "serve", "--port", "0", "--state-dir", str(state)]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    for line in proc.stdout:
-        m = re.search(r"serving on (\S+:\d+)", line)
+    cmd += ["--etcd", etcd, "--executor", "none"]
+    log = state.parent / "serve.log"
+    with open(log, "wb") as out:  # a file, not a pipe nobody drains
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        m = re.search(r"serving on (\S+:\d+)", log.read_text())
         if m:
             return proc, m.group(1)
-    raise SystemExit(f"megamoe serve exited with {proc.wait()}")
+        time.sleep(0.1)
+    raise SystemExit(f"megamoe serve did not start:\n{log.read_text()[-3000:]}")
 
 
 def _spec(config: str) -> pb.JobSpec:
@@ -77,10 +83,13 @@ def _client(address, config, calls, seed, ids, results, lock) -> None:
             elif method == "CancelJob":
                 stub.CancelJob(pb.CancelJobRequest(job_id=job), timeout=TIMEOUT_S)
             else:
-                list(stub.GetJobLogs(pb.GetJobLogsRequest(job_id=job), timeout=TIMEOUT_S))
+                events = list(stub.WatchJob(pb.WatchJobRequest(job_id=job), timeout=TIMEOUT_S))
+                assert len(events) == SEED_EVENTS, f"{len(events)} events"
             error = None
         except grpc.RpcError as exc:
             error = f"{exc.code().name}: {exc.details()}"
+        except AssertionError as exc:
+            error = f"wrong answer: {exc}"
         seconds = time.perf_counter() - start
         with lock:
             results.append((method, seconds, error))
@@ -93,13 +102,18 @@ def main() -> None:
     p.add_argument("--json", default="bench/results/api_load.json")
     a = p.parse_args()
     config = (ROOT / "configs" / "tiny.toml").read_text()
-    with tempfile.TemporaryDirectory() as tmp:
-        proc, address = _serve(Path(tmp) / "state")
+    with tempfile.TemporaryDirectory() as tmp, start_etcd(Path(tmp) / "etcd") as etcd:
+        proc, address = _serve(Path(tmp) / "state", etcd.endpoint)
         try:
             stub = pb_grpc.JobServiceStub(grpc.insecure_channel(address))
             ids = [f"seed-{k}" for k in range(SEED_JOBS)]
+            store = JobStore(Etcd(etcd.endpoint), Keys())
             for job_id in ids:
                 stub.CreateJob(pb.CreateJobRequest(spec=_spec(config), job_id=job_id))
+                for k in range(SEED_EVENTS):
+                    state = pb.SUCCEEDED if k == SEED_EVENTS - 1 else pb.RUNNING
+                    event = pb.JobEvent(type="progress", message=f"seeded {k}", state=state)
+                    store.append_event(job_id, event)
             results, lock = [], threading.Lock()
             threads = [
                 threading.Thread(
@@ -116,6 +130,9 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(timeout=60)
+            served = (Path(tmp) / "serve.log").read_text()
+            if "Traceback" in served:
+                print(served[-5000:], file=sys.stderr)
     rows = {}
     for method, _ in MIX:
         times = sorted(s for m, s, _ in results if m == method)

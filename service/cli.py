@@ -175,6 +175,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         args.tls_cert,
         args.tls_key,
         args.prefix,
+        args.executor,
     )
 
 
@@ -188,6 +189,13 @@ def _add_serve(sub) -> None:
     serve.add_argument("--tls-cert", help="serve TLS with this certificate (PEM)")
     serve.add_argument("--tls-key", help="... and this private key (PEM)")
     serve.add_argument("--prefix", default="/megamoe", help="etcd key prefix")
+    serve.add_argument(
+        "--executor",
+        choices=["local", "none"],
+        default="local",
+        help="where job nodes run: local torchrun agents, or none (API only: another "
+        "control plane on the same etcd runs the jobs)",
+    )
     serve.set_defaults(func=_cmd_serve)
 
 

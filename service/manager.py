@@ -62,12 +62,12 @@ class JobManager:
         if state:
             entries = [e for e in entries if e.state == state]
         size = page_size or DEFAULT_PAGE
-        jobs = []
-        for entry in entries[:size]:
-            try:
-                jobs.append(self.get(entry.job_id))
-            except NotFound:  # deleted between the index read and now
-                continue
+        page = entries[:size]
+        jobs = [
+            self._job(v.job_id, v.spec, v.status, e.created_ns)
+            for e, v in zip(page, self.store.views([e.job_id for e in page]), strict=True)
+            if v is not None  # deleted between the index read and now
+        ]
         more = len(entries) > size
         last = entries[size - 1] if more else None
         return jobs, f"{last.created_ns}.{last.job_id}" if last else ""
@@ -116,10 +116,12 @@ class JobManager:
 
         return self._logs(job_id, node, tail_lines, follow, running)
 
-    def _job(self, job_id: str, spec: pb.JobSpec, status: pb.JobStatus | None = None) -> pb.Job:
+    def _job(
+        self, job_id: str, spec: pb.JobSpec, status: pb.JobStatus | None, created_ns: int = 0
+    ) -> pb.Job:
         if status is None:
             status = pb.JobStatus(state=pb.PENDING, message="waiting for the reconciler")
-            status.create_time.FromNanoseconds(self.store.created_ns(job_id))
+            status.create_time.FromNanoseconds(created_ns or self.store.created_ns(job_id))
         return pb.Job(job_id=job_id, spec=spec, status=status)
 
 

@@ -51,6 +51,7 @@ def serve(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     prefix: str = DEFAULT_PREFIX,
+    executor_kind: str = "local",
 ) -> int:
     from trainer.elastic.etcd import Etcd, start_etcd
 
@@ -79,20 +80,26 @@ def serve(
         except MegamoeError as exc:
             raise Unavailable(str(exc)) from None
         store = JobStore(etcd, Keys(prefix))
-        executor = LocalExecutor(state, etcd_endpoint, prefix)
-        manager = JobManager(store, logs=executor.logs)
-        reconciler = Reconciler(store, executor)
-        reconciler.start()
+        reconciler = None
+        if executor_kind == "local":
+            executor = LocalExecutor(state, etcd_endpoint, prefix)
+            manager = JobManager(store, logs=executor.logs)
+            reconciler = Reconciler(store, executor)
+            reconciler.start()
+        else:  # API only: jobs are stored and read; another control plane runs them
+            manager = JobManager(store)
         running = create_server(manager, host, port, token, tls)
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
         where = f"etcd {etcd_endpoint}" + (" (embedded)" if embedded else "")
+        where += f", executor {executor_kind}"
         print(f"megamoe: serving on {host}:{running.port} ({where}, state {state})", flush=True)
         stop.wait()
         print("megamoe: shutting down (health NOT_SERVING, jobs keep running)", flush=True)
         running.stop(GRACE_S)
-        reconciler.stop()
+        if reconciler is not None:
+            reconciler.stop()
     finally:
         if embedded is not None:
             embedded.stop()

@@ -73,8 +73,16 @@ class JobStore:
 
     def view(self, job_id: str) -> JobView | None:
         """The job's spec, cancel request, status and worker reports; None if no such job."""
+        return self._view(job_id, self.etcd.get_prefix(self.keys.job(job_id)))
+
+    def views(self, job_ids: list[str]) -> list[JobView | None]:
+        """``view`` of several jobs, read in one round trip."""
+        found = self.etcd.get_prefixes([self.keys.job(j) for j in job_ids])
+        return [self._view(j, kvs) for j, kvs in zip(job_ids, found, strict=True)]
+
+    def _view(self, job_id: str, kvs: list[tuple[str, bytes, int]]) -> JobView | None:
         head = self.keys.job(job_id)
-        found = {key[len(head) :]: (value, rev) for key, value, rev in self.etcd.get_prefix(head)}
+        found = {key[len(head) :]: (value, rev) for key, value, rev in kvs}
         if "spec" not in found:
             return None
         view = JobView(job_id, pb.JobSpec.FromString(found["spec"][0]), "cancel" in found)

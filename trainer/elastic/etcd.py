@@ -107,6 +107,15 @@ def _prefix_end(prefix: str | bytes) -> bytes:
     return bytes(end)
 
 
+def _kv(kv: dict[str, Any]) -> tuple[str, bytes, int]:
+    """(key, value, mod_revision) of one key-value of the gateway's JSON."""
+    return (
+        base64.b64decode(kv["key"]).decode(),
+        base64.b64decode(kv.get("value", "")),
+        int(kv["mod_revision"]),
+    )
+
+
 def _parse_endpoint(endpoint: str) -> tuple[str, str, int]:
     """(scheme, host, port) of ``host:port`` or ``http(s)://host:port``."""
     url = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
@@ -177,14 +186,23 @@ class Etcd:
         result = self._range(
             prefix, f"reading prefix {_text(prefix)}", range_end=_b64(_prefix_end(prefix))
         )
-        return [
-            (
-                base64.b64decode(kv["key"]).decode(),
-                base64.b64decode(kv.get("value", "")),
-                int(kv["mod_revision"]),
-            )
-            for kv in result.get("kvs", [])  # etcd returns a range in key order
+        return [_kv(kv) for kv in result.get("kvs", [])]  # etcd returns a range in key order
+
+    def get_prefixes(self, prefixes: list[str]) -> list[list[tuple[str, bytes, int]]]:
+        """``get_prefix`` of each prefix, all read in one transaction (one round trip,
+        one consistent revision)."""
+        if not prefixes:
+            return []
+        ranges = [
+            {"request_range": {"key": _b64(p), "range_end": _b64(_prefix_end(p))}} for p in prefixes
         ]
+        action = f"reading {len(prefixes)} prefixes from {_text(prefixes[0])}"
+        result = self._post("/kv/txn", {"compare": [], "success": ranges}, action)
+        out = []
+        for response in result.get("responses", []):
+            kvs = response.get("response_range", {}).get("kvs", [])
+            out.append([_kv(kv) for kv in kvs])
+        return out
 
     def revision(self) -> int:
         """The store's current revision (a linearizable read, so it also proves a leader)."""
