@@ -89,7 +89,7 @@ def validate_spec(spec) -> Config:
         raise InvalidArgument("spec.overrides", str(exc)) from None
     world = spec.num_nodes * spec.procs_per_node
     try:
-        check_layout(cfg, world)
+        check_layout(cfg, world, "num_nodes * procs_per_node")
     except ConfigError as exc:
         raise InvalidArgument(
             "spec.num_nodes",

@@ -120,7 +120,7 @@ def run_rank(cfg: Config, summary_path: str | None, resume: bool, resume_from: s
     if world == 1:  # a 1 x 1 job: the single-process path, no process group
         _run_alone(cfg, summary_path, resume, resume_from)
         return
-    check_layout(cfg, world)
+    check_layout(cfg, world, "torchrun's WORLD_SIZE")
     device = pick_device(cfg.train.device)
     if device.type == "cuda":
         device = torch.device("cuda", local % torch.cuda.device_count())

@@ -18,14 +18,15 @@ from trainer.config import Config
 from trainer.errors import ConfigError
 
 
-def check_layout(cfg: Config, nproc: int) -> None:
-    """Raise ConfigError naming the numbers if this layout cannot run on ``nproc`` ranks."""
+def check_layout(cfg: Config, nproc: int, ranks: str = "--nproc") -> None:
+    """Raise ConfigError naming the numbers if this layout cannot run on ``nproc`` ranks
+    (``ranks`` says where that number came from)."""
     m, p = cfg.model, cfg.parallel
     problems = []
     if nproc != 1 and p.world != nproc:
         problems.append(
             f"parallel.dp * parallel.pp * parallel.n = {p.dp} * {p.pp} * {p.n} = {p.world} "
-            f"but --nproc is {nproc}"
+            f"but {ranks} is {nproc}"
         )
     if nproc > 1:
         if m.seq_len % p.n:
