@@ -53,13 +53,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise MegamoeError("--nproc is for local runs; under torchrun the world is torchrun's")
         from trainer.launch import run_rank
 
-        run_rank(cfg, args.summary_json, args.resume, args.resume_from)
+        run_rank(cfg, args.summary_json, args.resume, args.resume_from, args.skip_checkpoint)
         return 0
     resume_from = None
     if args.resume or args.resume_from:
         from trainer.checkpoint.manager import resolve
 
-        found = resolve(cfg, args.resume, args.resume_from, lambda m: print(m, flush=True))
+        warn = lambda m: print(m, flush=True)  # noqa: E731
+        found = resolve(cfg, args.resume, args.resume_from, warn, args.skip_checkpoint)
         resume_from = str(found) if found else None
     if args.nproc == 1:
         from trainer.train import train
@@ -217,6 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="start from the newest committed checkpoint in checkpoint.dir (none: fresh)",
     )
     resume.add_argument("--resume-from", metavar="PATH", help="start from this checkpoint")
+    train.add_argument(
+        "--skip-checkpoint",
+        action="append",
+        default=[],
+        metavar="PATH@CREATED",
+        help="with --resume, pass over this commit (the control plane names one a restore "
+        "failed from)",
+    )
     train.set_defaults(func=_cmd_train)
 
     ckpt = sub.add_parser("checkpoint", help="inspect checkpoints").add_subparsers(

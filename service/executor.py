@@ -36,7 +36,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -44,7 +44,13 @@ from typing import Protocol
 from service._gen.megamoe.v1 import jobs_pb2 as pb
 from service.spec import sets_checkpoint_dir, validate_spec
 from trainer.atomic import write_bytes_atomic
-from trainer.elastic.report import ENV_ETCD, ENV_JOB, ENV_PREFIX, ENV_RANKS_PER_HOST
+from trainer.elastic.report import (
+    ENV_ETCD,
+    ENV_GENERATION,
+    ENV_JOB,
+    ENV_PREFIX,
+    ENV_RANKS_PER_HOST,
+)
 from trainer.errors import MegamoeError
 
 ENV_NODE = "MEGAMOE_NODE"
@@ -91,7 +97,12 @@ class Observed:
 
 class Executor(Protocol):
     def start_node(
-        self, job_id: str, spec: pb.JobSpec, node: int, generation: int
+        self,
+        job_id: str,
+        spec: pb.JobSpec,
+        node: int,
+        generation: int,
+        skip_checkpoints: Sequence[str] = (),
     ) -> NodeHandle: ...
 
     def poll(self, job_id: str, node: int, handle: NodeHandle) -> Observed: ...
@@ -153,7 +164,14 @@ class LocalExecutor:
 
     # ------------------------------------------------------------------ start
 
-    def command(self, job_id: str, spec: pb.JobSpec, node: int, generation: int) -> list[str]:
+    def command(
+        self,
+        job_id: str,
+        spec: pb.JobSpec,
+        node: int,
+        generation: int,
+        skip_checkpoints: Sequence[str] = (),
+    ) -> list[str]:
         """The node's command line: its shell around one torchrun agent."""
         validate_spec(spec)
         job_dir = self.job_dir(job_id)
@@ -170,7 +188,10 @@ class LocalExecutor:
             "--rdzv-backend=etcd-v3",
             f"--rdzv-endpoint={self.etcd_endpoint}",
             f"--rdzv-id={job_id}-g{generation}",
-            f"--rdzv-conf=join_timeout={JOIN_TIMEOUT_S},prefix={self.prefix}",
+            # keep-alives: an etcd outage under a minute must not make nodes count each
+            # other dead
+            f"--rdzv-conf=join_timeout={JOIN_TIMEOUT_S},prefix={self.prefix},"
+            "keep_alive_interval=5,keep_alive_max_attempt=12",
             "--local-addr=127.0.0.1",
             "--max-restarts=0",  # restarts are the reconciler's, for the whole world
             "--no-python",
@@ -179,17 +200,27 @@ class LocalExecutor:
         for item in sets:
             train += ["--set", item]
         train += ["--resume", "--summary-json", str(self.summary_path(job_id))]
+        for commit in skip_checkpoints:
+            train += ["--skip-checkpoint", commit]
         exit_file = str(self.exit_path(job_id, node))
         return ["/bin/sh", "-c", NODE_SHELL, "megamoe-node", exit_file, *agent, *train]
 
-    def start_node(self, job_id: str, spec: pb.JobSpec, node: int, generation: int) -> NodeHandle:
+    def start_node(
+        self,
+        job_id: str,
+        spec: pb.JobSpec,
+        node: int,
+        generation: int,
+        skip_checkpoints: Sequence[str] = (),
+    ) -> NodeHandle:
         self.job_dir(job_id).mkdir(parents=True, exist_ok=True)
-        command = self.command(job_id, spec, node, generation)
+        command = self.command(job_id, spec, node, generation, skip_checkpoints)
         self.exit_path(job_id, node).unlink(missing_ok=True)
         env = {
             **os.environ,
             ENV_JOB: job_id,
             ENV_NODE: str(node),
+            ENV_GENERATION: str(generation),
             ENV_ETCD: self.etcd_endpoint,
             ENV_PREFIX: self.prefix,
             ENV_RANKS_PER_HOST: str(spec.num_nodes * spec.procs_per_node),
@@ -261,28 +292,17 @@ class LocalExecutor:
     # ------------------------------------------------------------------ stop
 
     def processes(self, job_id: str, node: int | None = None) -> list[int]:
-        """Pids on this machine whose environment says they belong to the job (and node)."""
-        want = {f"{ENV_JOB}={job_id}".encode()}
-        if node is not None:
-            want.add(f"{ENV_NODE}={node}".encode())
-        found = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) == os.getpid():
-                continue
-            try:
-                with open(f"/proc/{entry}/environ", "rb") as f:
-                    env = set(f.read().split(b"\0"))
-            except OSError:
-                continue
-            if want <= env:
-                found.append(int(entry))
-        return found
+        return job_processes(job_id, node)
 
     def stop_node(self, job_id: str, node: int, handle: NodeHandle, grace: float) -> None:
-        """SIGTERM the node's agent (it stops its workers), then SIGKILL whatever is left."""
+        """SIGTERM the node's agent and every process of the node (workers whose agent
+        died live on as orphans), then SIGKILL whatever is left after ``grace`` seconds."""
         if handle.pid > 0 and self._is_ours(job_id, node, handle.pid):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(handle.pid, signal.SIGTERM)
+        for pid in self.processes(job_id, node):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
             self._reap(job_id, node)
@@ -336,6 +356,41 @@ class LocalExecutor:
             return ""
         text, _ = _tail(path, FAILURE_SCAN_LINES)
         return failure_line(text.splitlines())
+
+
+def job_processes(job_id: str, node: int | None = None, kind: str | None = None) -> list[int]:
+    """Pids on this machine whose environment says they belong to the job (and node):
+    every ``kind``, or only the node shells ("node"), torchrun agents ("agent") or
+    workers ("worker"). Fault drills and tests pick their victims with it too."""
+    want = {f"{ENV_JOB}={job_id}".encode()}
+    if node is not None:
+        want.add(f"{ENV_NODE}={node}".encode())
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = set(f.read().split(b"\0"))
+            if not want <= env:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if kind is None or _kind(argv) == kind:
+            found.append(int(entry))
+    return found
+
+
+def _kind(argv: list[str]) -> str:
+    if argv[:2] == ["/bin/sh", "-c"]:
+        return "node"
+    if len(argv) > 1 and argv[1].endswith("torchrun"):
+        return "agent"
+    if argv[1:3] == ["-m", "service.cli"]:
+        return "worker"
+    return "other"
 
 
 def failure_line(lines: list[str]) -> str:

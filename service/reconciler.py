@@ -121,6 +121,11 @@ def decide(
         )
         return plan
 
+    if status.HasField("recovery") and not running:
+        if now_ns >= status.recovery.restart_time.ToNanoseconds():
+            _restart(plan)
+        return plan
+
     failed = []
     for node in running:
         seen = observed.get(node.index)
@@ -154,7 +159,14 @@ def decide(
             if node.state == pb.NODE_RUNNING:
                 node.state, node.message = pb.NODE_STOPPED, f"stopped: node {first.index} failed"
                 plan.stop.append(node.index)
-        return _finish(plan, pb.FAILED, f"node {first.index} {first.message}", now_ns)
+        reason = f"node {first.index} {first.message}"
+        plan.stop += [n.index for n in failed]  # what the node left behind (orphaned workers)
+        if status.restarts < spec.restart.max_restarts:
+            _plan_restart(plan, view, failed, reason, now_ns)
+            return plan
+        if status.restarts:
+            reason += f" (after {status.restarts} restart(s), the most the spec allows)"
+        return _finish(plan, pb.FAILED, reason, now_ns)
 
     if all(n.state == pb.NODE_SUCCEEDED for n in status.nodes):
         result = view.result or {}
@@ -173,10 +185,95 @@ def decide(
     return plan
 
 
+def backoff_s(policy: pb.RestartPolicy, attempt: int) -> float:
+    """Seconds before restart ``attempt`` (1, 2, ...): the backoff, doubled after each,
+    capped by max_backoff_seconds (when set)."""
+    seconds = policy.backoff_seconds * 2 ** (attempt - 1)
+    return min(seconds, policy.max_backoff_seconds) if policy.max_backoff_seconds else seconds
+
+
+def _plan_restart(plan: Plan, view: JobView, failed: list, reason: str, now_ns: int) -> None:
+    """A failure within the restart budget: the world is stopped (plan.stop) and starts
+    again after the backoff, from the newest committed checkpoint."""
+    status, policy = plan.status, view.spec.restart
+    if _restore_failed(view, status):
+        # this world died before it trained a step: its checkpoint is ruled out
+        commit = view.restoring["commit"]
+        if commit not in status.skipped_checkpoints:
+            status.skipped_checkpoints.append(commit)
+            plan.events.append(
+                _event(
+                    "checkpoint_skipped",
+                    f"the restore from {view.restoring['path']} failed; the next start "
+                    "falls back to the checkpoint before it",
+                    status.state,
+                    path=view.restoring["path"],
+                )
+            )
+    attempt = status.restarts + 1
+    wait = backoff_s(policy, attempt)
+    if not status.HasField("recovery"):  # the first failure: where recovery is measured from
+        status.recovery.failed_time.FromNanoseconds(now_ns)
+        status.recovery.failed_step = status.step
+    status.recovery.attempt = attempt
+    status.recovery.restart_time.FromNanoseconds(now_ns + int(wait * 1e9))
+    status.recovery.reason = reason
+    status.restarts = attempt
+    for node in failed:
+        node.restarts += 1
+    status.message = f"restarting (attempt {attempt} of {policy.max_restarts}): {reason}"
+    plan.events.append(
+        _event(
+            "restarting",
+            f"restarting the job's world (attempt {attempt} of {policy.max_restarts}) "
+            f"in {wait:g} s: {reason}",
+            status.state,
+            attempt=attempt,
+            max_restarts=policy.max_restarts,
+            backoff_s=f"{wait:g}",
+        )
+    )
+
+
+def _restore_failed(view: JobView, status: pb.JobStatus) -> bool:
+    """The current world began to load a checkpoint and died before reporting a step."""
+    restoring = view.restoring
+    if not restoring or restoring.get("generation") != status.generation:
+        return False
+    report = view.ranks.get(0)
+    return not (report and report.get("generation") == status.generation)
+
+
+def _restart(plan: Plan) -> None:
+    """Start every node again as the next generation of the world."""
+    status = plan.status
+    status.generation += 1
+    plan.start = [n.index for n in status.nodes]
+    for node in status.nodes:
+        node.state, node.exit_code, node.signal = pb.NODE_RUNNING, 0, 0
+        node.message = f"restarted (attempt {status.recovery.attempt})"
+    status.message = f"restarted (attempt {status.recovery.attempt}), resuming"
+    plan.events.append(
+        _event(
+            "restarted",
+            f"started generation {status.generation} of the world",
+            status.state,
+            generation=status.generation,
+            attempt=status.recovery.attempt,
+        )
+    )
+
+
 def _fold_progress(plan: Plan, view: JobView, now_ns: int, last_progress_ns: int) -> None:
-    """Rank 0's report and the newest checkpoint into the status (and events)."""
+    """Rank 0's report and the newest checkpoint into the status (and events). Only reports
+    of the current world count: a dead world's lease may not have lapsed yet."""
     status = plan.status
     report = view.ranks.get(0)
+    if report and report.get("generation", 0) != status.generation:
+        report = None
+    if report and status.HasField("recovery") and report.get("step", 0) > 0:
+        _resumed(plan, report, now_ns)
+        status.step = 0  # the restarted world's steps replace the lost ones
     if report and report.get("step", 0) > status.step:
         status.step = int(report["step"])
         status.total_steps = int(report.get("total_steps", 0))
@@ -212,6 +309,30 @@ def _fold_progress(plan: Plan, view: JobView, now_ns: int, last_progress_ns: int
                 path=ckpt["path"],
             )
         )
+
+
+def _resumed(plan: Plan, report: dict, now_ns: int) -> None:
+    """The restarted world trains: say from where, what was lost, how long it took."""
+    status, recovery = plan.status, plan.status.recovery
+    resumed = int(report.get("resumed_step") or 0)
+    path = report.get("resumed_from") or ""
+    lost = max(0, recovery.failed_step - resumed)
+    took = (now_ns - recovery.failed_time.ToNanoseconds()) / 1e9
+    start = f"resumed from step {resumed} ({path})" if path else "started over from step 0"
+    plan.events.append(
+        _event(
+            "resumed",
+            f"{start}; {lost} step(s) lost; recovered in {took:.1f} s",
+            status.state,
+            resumed_step=resumed,
+            path=path,
+            steps_lost=lost,
+            recovery_s=f"{took:.3f}",
+            attempt=recovery.attempt,
+        )
+    )
+    status.ClearField("recovery")
+    status.message = ""
 
 
 def progress_line(status: pb.JobStatus) -> str:
@@ -252,7 +373,7 @@ def record_started(plan: Plan, handles: dict[int, NodeHandle]) -> None:
         for k, h in sorted(handles.items())
     )
     for event in plan.events:
-        if event.type == "state" and event.state == pb.RUNNING:
+        if (event.type, event.state) in (("state", pb.RUNNING), ("restarted", pb.RUNNING)):
             event.message += f" ({where})"
 
 
@@ -358,9 +479,12 @@ class Reconciler:
         if plan.start:
             try:
                 validate_spec(view.spec)  # stored specs were valid; a newer server may differ
-                generation = sum(n.restarts for n in plan.status.nodes)
+                status = plan.status
+                skip = list(status.skipped_checkpoints)
                 for k in plan.start:
-                    handles[k] = self.executor.start_node(job_id, view.spec, k, generation)
+                    handles[k] = self.executor.start_node(
+                        job_id, view.spec, k, status.generation, skip
+                    )
             except (MegamoeError, OSError) as exc:
                 self._abort_start(job_id, plan, handles, exc, now)
             else:
@@ -382,7 +506,7 @@ class Reconciler:
         for k, handle in handles.items():
             self.executor.stop_node(job_id, k, handle, self.grace_s)
         record_started(plan, handles)
-        plan.events = [e for e in plan.events if e.type != "state"]
+        plan.events = [e for e in plan.events if e.type not in ("state", "restarted")]
         for node in plan.status.nodes:
             node.state = pb.NODE_FAILED if node.index not in handles else pb.NODE_STOPPED
         _finish(plan, pb.FAILED, f"could not start the job's nodes: {exc}", now)

@@ -92,7 +92,9 @@ def serve(
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-        where = f"etcd {etcd_endpoint}" + (" (embedded)" if embedded else "")
+        where = f"etcd {etcd_endpoint}"
+        if embedded:
+            where += " (embedded, still running from before)" if embedded.adopted else " (embedded)"
         where += f", executor {executor_kind}"
         print(f"megamoe: serving on {host}:{running.port} ({where}, state {state})", flush=True)
         stop.wait()

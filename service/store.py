@@ -45,6 +45,7 @@ class JobView:
     ranks: dict[int, dict[str, Any]] = field(default_factory=dict)  # leased worker reports
     checkpoint: dict[str, Any] | None = None  # newest commit (worker rank 0)
     result: dict[str, Any] | None = None  # the finished run (worker rank 0)
+    restoring: dict[str, Any] | None = None  # the checkpoint a world began to load (rank 0)
     event_seq: int = 0  # the last event's seq
     event_seq_revision: int = 0
 
@@ -95,7 +96,7 @@ class JobStore:
         for name, (value, _) in found.items():
             if name.startswith("ranks/"):
                 view.ranks[int(name[len("ranks/") :])] = json.loads(value)
-        for name in ("checkpoint", "result"):
+        for name in ("checkpoint", "result", "restoring"):
             if name in found:
                 setattr(view, name, json.loads(found[name][0]))
         return view

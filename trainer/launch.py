@@ -113,12 +113,19 @@ def under_torchrun() -> bool:
     return all(v in os.environ for v in TORCHRUN_VARS)
 
 
-def run_rank(cfg: Config, summary_path: str | None, resume: bool, resume_from: str | None) -> None:
-    """Train as rank $RANK of $WORLD_SIZE (the process group from the environment)."""
+def run_rank(
+    cfg: Config,
+    summary_path: str | None,
+    resume: bool,
+    resume_from: str | None,
+    skip: list[str] | None = None,
+) -> None:
+    """Train as rank $RANK of $WORLD_SIZE (the process group from the environment).
+    ``skip``: checkpoint commits ``--resume`` passes over (``store.commit_id``)."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local, local_world = int(os.environ["LOCAL_RANK"]), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if world == 1:  # a 1 x 1 job: the single-process path, no process group
-        _run_alone(cfg, summary_path, resume, resume_from)
+        _run_alone(cfg, summary_path, resume, resume_from, skip or [])
         return
     check_layout(cfg, world, "torchrun's WORLD_SIZE")
     device = pick_device(cfg.train.device)
@@ -132,7 +139,7 @@ def run_rank(cfg: Config, summary_path: str | None, resume: bool, resume_from: s
     dist.init_process_group(backend, init_method="env://", timeout=INIT_TIMEOUT)
     reporter = Reporter.from_env(rank)  # set when the control plane started this world
     try:
-        path = _agree_on_checkpoint(cfg, rank, resume, resume_from)
+        path = _agree_on_checkpoint(cfg, rank, resume, resume_from, skip or [], reporter)
         dims = ParallelDims.build(cfg, rank, world)
         comms = Comms.from_dims(dims, device)
         out = sys.stdout if rank == 0 else io.StringIO()
@@ -144,8 +151,7 @@ def run_rank(cfg: Config, summary_path: str | None, resume: bool, resume_from: s
         dist.destroy_process_group()
 
 
-def _run_alone(cfg: Config, summary_path: str | None, resume: bool, resume_from: str | None):
-    from trainer.checkpoint.manager import resolve
+def _run_alone(cfg: Config, summary_path, resume: bool, resume_from, skip: list[str]) -> None:
     from trainer.train import train
 
     reporter = Reporter.from_env(0)
@@ -153,23 +159,35 @@ def _run_alone(cfg: Config, summary_path: str | None, resume: bool, resume_from:
         found = None
         if resume or resume_from:
             open_data(cfg)
-            found = resolve(cfg, resume, resume_from, lambda m: print(m, flush=True))
+            found = _resolve_and_announce(cfg, resume, resume_from, skip, reporter)
         train(cfg, summary_path, resume_from=str(found) if found else None, reporter=reporter)
     finally:
         if reporter is not None:
             reporter.close()
 
 
-def _agree_on_checkpoint(cfg: Config, rank: int, resume: bool, resume_from: str | None):
+def _resolve_and_announce(cfg: Config, resume, resume_from, skip: list[str], reporter):
+    """The checkpoint to start from; told to the control plane before it is loaded, so a
+    restore that kills the process can be ruled out next time."""
+    from trainer.checkpoint import store
+    from trainer.checkpoint.manager import resolve
+
+    found = resolve(cfg, resume, resume_from, lambda m: print(m, flush=True), skip)
+    if found is not None and reporter is not None:
+        reporter.restoring(str(found), store.commit_id(found, store.read_manifest(found)))
+    return found
+
+
+def _agree_on_checkpoint(
+    cfg: Config, rank: int, resume: bool, resume_from: str | None, skip: list[str], reporter
+):
     """Rank 0 resolves the checkpoint (warnings included) and broadcasts it, or its error
     (a missing corpus, a damaged checkpoint): every rank then fails with the same line."""
     choice: list = [None]
     if rank == 0 and (resume or resume_from):
-        from trainer.checkpoint.manager import resolve
-
         try:
             open_data(cfg)
-            found = resolve(cfg, resume, resume_from, lambda m: print(m, flush=True))
+            found = _resolve_and_announce(cfg, resume, resume_from, skip, reporter)
             choice[0] = ("ok", str(found) if found else None)
         except MegamoeError as exc:
             choice[0] = ("error", str(exc))

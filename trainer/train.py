@@ -241,7 +241,7 @@ def run(cfg: Config, w: Worker, summary_path: str | None, out: TextIO) -> dict[s
         log.add(StepRecord.of(step, result, lr_at(step, cfg.train), seconds, tokens_per_step))
         progress.advance(step, tokens_per_step, result, sampler.state_dict())
         if w.reporter:
-            w.reporter.step(_report(log, progress))
+            w.reporter.step(_report(log, progress, w.resume_from))
         if ckpt and ckpt.due(step):
             ckpt.save(step, progress, model, optimizer)
     if hasattr(optimizer, "wait_params"):
@@ -285,7 +285,7 @@ def run(cfg: Config, w: Worker, summary_path: str | None, out: TextIO) -> dict[s
 REPORT_WINDOW = 10  # steps behind the reported tokens/s
 
 
-def _report(log: RunLog, progress: Progress) -> dict[str, Any]:
+def _report(log: RunLog, progress: Progress, resumed_from: str | None) -> dict[str, Any]:
     """What a rank tells the control plane after a step (loss is batch-wide on rank 0)."""
     recent = log.records[-REPORT_WINDOW:]
     seconds = sum(r.seconds for r in recent)
@@ -298,6 +298,8 @@ def _report(log: RunLog, progress: Progress) -> dict[str, Any]:
         "step_s": recent[-1].seconds,
         "tokens_per_s": tokens_per_s,
         "mfu": log.mfu(tokens_per_s),
+        "resumed_step": progress.resumed_step,
+        "resumed_from": resumed_from,
     }
 
 

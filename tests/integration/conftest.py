@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -52,27 +53,40 @@ def pids_mentioning(text: str) -> list[int]:
     return pids
 
 
-@contextlib.contextmanager
-def running_serve(state: Path, *args: str):
-    """`megamoe serve --port 0 --state-dir STATE ARGS`: yields (process, "127.0.0.1:PORT")
-    once it prints its `serving on` line. Afterwards the server's group is killed, and
-    everything that still names the state directory (the embedded etcd, job nodes and
-    workers, which live in sessions of their own) too."""
+def start_serve(state: Path, *args: str):
+    """`megamoe serve --port 0 --state-dir STATE ARGS` in a session of its own: (process,
+    "127.0.0.1:PORT") once it prints its `serving on` line. The caller stops it. Its output
+    keeps being read into ``process.lines`` (by ``process.drain``, a thread)."""
     command = [sys.executable, "-m", "service.cli", "serve", "--port", "0"]
     proc = start([*command, "--state-dir", str(state), *args])
+    deadline, lines = time.monotonic() + 60, []
+    for line in proc.stdout:
+        lines.append(line)
+        m = re.search(r"serving on 127\.0\.0\.1:(\d+)", line)
+        if m:
+            proc.lines = lines
+            proc.drain = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+            proc.drain.start()  # a full pipe would block the server
+            return proc, f"127.0.0.1:{m.group(1)}"
+        if time.monotonic() > deadline:
+            kill_group(proc)
+            pytest.fail("serve did not start: " + "".join(lines))
+    kill_group(proc)
+    pytest.fail("serve exited: " + "".join(lines))
+
+
+@contextlib.contextmanager
+def running_serve(state: Path, *args: str):
+    """``start_serve``; afterwards the server's group is killed, and everything that still
+    names the state directory (the embedded etcd, job nodes and workers, which live in
+    sessions of their own) too."""
+    proc = None
     try:
-        deadline, lines = time.monotonic() + 60, []
-        for line in proc.stdout:
-            lines.append(line)
-            m = re.search(r"serving on 127\.0\.0\.1:(\d+)", line)
-            if m:
-                break
-            assert time.monotonic() < deadline, "".join(lines)
-        else:
-            pytest.fail("serve exited: " + "".join(lines))
-        yield proc, f"127.0.0.1:{m.group(1)}"
+        proc, address = start_serve(state, *args)
+        yield proc, address
     finally:
-        kill_group(proc)
+        if proc is not None:
+            kill_group(proc)
         for pid in pids_mentioning(str(state)):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

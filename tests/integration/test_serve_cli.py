@@ -80,7 +80,8 @@ def test_sigterm_stops_the_server_and_its_embedded_etcd(server):
     proc, _, _, state, _ = server
     assert any(_is_etcd(p) for p in pids_mentioning(str(state)))  # its data is there
     proc.send_signal(signal.SIGTERM)
-    rest = proc.stdout.read()
+    proc.drain.join(timeout=60)
+    rest = "".join(proc.lines)
     assert proc.wait(timeout=60) == 0
     assert "shutting down" in rest
     assert not any(_is_etcd(p) for p in pids_mentioning(str(state)))

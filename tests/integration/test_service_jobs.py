@@ -15,6 +15,7 @@ import pytest
 
 from service._gen.megamoe.v1 import jobs_pb2 as pb
 from service._gen.megamoe.v1 import jobs_pb2_grpc as pb_grpc
+from service.executor import job_processes as processes
 from tests.e2e.conftest import ROOT, megamoe
 from tests.integration.conftest import REFERENCE_SETS, REFERENCE_STEPS, running_serve
 from tests.procs import kill_group, start, wait_until
@@ -44,20 +45,6 @@ def _watch(stub, job_id, after=0):
     """Every event of the stream with the time it arrived."""
     request = pb.WatchJobRequest(job_id=job_id, after_seq=after)
     return [(event, time.time()) for event in stub.WatchJob(request, timeout=300)]
-
-
-def _processes_of(job_id):
-    """Pids whose environment marks them as the job's (node shells, agents, workers)."""
-    marker = f"MEGAMOE_JOB_ID={job_id}".encode()
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if marker in (proc / "environ").read_bytes().split(b"\0"):
-                    found.append(int(proc.name))
-            except OSError:
-                continue
-    return found
 
 
 @pytest.mark.timeout(420)
@@ -123,7 +110,7 @@ def test_cancel_mid_run_stops_every_process_and_ends_a_followed_log(service, dem
         return stub.GetJob(pb.GetJobRequest(job_id="to-stop"), timeout=30).status.step
 
     wait_until(lambda: step() >= 2, 180, "two steps of the job")
-    assert len(_processes_of("to-stop")) >= 6  # per node: its shell, agent and worker
+    assert len(processes("to-stop")) >= 6  # per node: its shell, agent and worker
     follow_log = tmp_path / "follow.txt"
     command = [sys.executable, "-m", "service.cli", "job", "logs", "to-stop", "--follow"]
     follower = start([*command, "--server", address], follow_log)
@@ -132,7 +119,7 @@ def test_cancel_mid_run_stops_every_process_and_ends_a_followed_log(service, dem
         assert res.returncode == 0 and "cancel requested" in res.stdout, res.stderr
         state = lambda: stub.GetJob(pb.GetJobRequest(job_id="to-stop"), timeout=30).status  # noqa: E731
         wait_until(lambda: state().state == pb.CANCELLED, 60, "CANCELLED")
-        assert _processes_of("to-stop") == []
+        assert processes("to-stop") == []
         assert [n.state for n in state().nodes] == [pb.NODE_STOPPED] * 2
         assert follower.wait(timeout=30) == 0  # --follow ends once the node has stopped
     finally:
@@ -160,7 +147,7 @@ def test_a_failing_worker_fails_the_job_naming_its_node_and_error(service):
     assert exits and {e.details["exit_code"] for e in exits} == {"1"}
     # a node that had not failed yet when the first did is stopped with the job
     assert {n.state for n in status.nodes} <= {pb.NODE_FAILED, pb.NODE_STOPPED}
-    assert _processes_of("no-data") == []
+    assert processes("no-data") == []
 
 
 @pytest.mark.timeout(180)
@@ -176,11 +163,11 @@ def test_a_one_process_job_runs_without_a_process_group(service, demo_data):
     assert status.final_loss == summary["final_loss"]
 
 
-def test_processes_of_finds_this_test_process_by_its_marker():
+def test_job_processes_finds_a_process_by_its_marker():
     """The helper the cancel test relies on sees a marked process and only that."""
     marked = subprocess.Popen(["sleep", "30"], env={**os.environ, "MEGAMOE_JOB_ID": "marker-t"})
     try:
-        assert _processes_of("marker-t") == [marked.pid]
+        assert processes("marker-t") == [marked.pid]
     finally:
         marked.kill()
         marked.wait()

@@ -55,7 +55,7 @@ def test_a_node_that_fails_fails_the_job_and_stops_the_others():
     observed = {0: Observed(running=True), 1: Observed(False, exit_code=3)}
     lines = {1: "megamoe: error: out of data"}
     plan = decide(_view(2, _running()), observed, T0 + SEC, T0, lines)
-    assert plan.stop == [0]
+    assert plan.stop == [0, 1]  # the failed node too: whatever it left behind
     node = plan.status.nodes[1]
     assert (node.state, node.exit_code) == (pb.NODE_FAILED, 3)
     assert plan.status.state == pb.FAILED
@@ -147,3 +147,90 @@ def test_the_failure_line_prefers_our_error_then_an_exception_then_any_words():
     assert failure_line(log[1:]) == log[1]
     assert failure_line(["Killed", "=====", ""]) == "Killed"
     assert failure_line([]) == ""
+
+
+def _restartable(max_restarts=2, backoff=4.0, status=None, **kw):
+    view = _view(2, status or _running(step=30), **kw)
+    view.spec.restart.max_restarts = max_restarts
+    view.spec.restart.backoff_seconds = backoff
+    return view
+
+
+def test_a_failure_within_the_budget_stops_the_world_and_restarts_it_after_the_backoff():
+    observed = {0: Observed(running=True), 1: Observed(False, exit_code=-9, signal=9)}
+    plan = decide(_restartable(), observed, T0 + 10 * SEC, T0)
+    s = plan.status
+    assert plan.stop == [0, 1] and plan.start == []
+    assert s.state == pb.RUNNING and s.restarts == 1 and s.nodes[1].restarts == 1
+    assert s.recovery.failed_step == 30 and s.recovery.attempt == 1
+    assert s.recovery.restart_time.ToNanoseconds() == T0 + 14 * SEC  # 4 s of backoff
+    assert [e.type for e in plan.events] == ["node_exited", "restarting"]
+    assert "attempt 1 of 2" in plan.events[-1].message and "in 4 s" in plan.events[-1].message
+    assert {e.state for e in plan.events} == {pb.RUNNING}  # a watcher keeps watching
+
+    early = decide(_restartable(status=s), {}, T0 + 13 * SEC, T0)
+    assert early.start == [] and not early.changed(s)  # still backing off
+    later = decide(_restartable(status=s), {}, T0 + 14 * SEC, T0)
+    assert later.start == [0, 1] and later.status.generation == 1
+    assert [n.state for n in later.status.nodes] == [pb.NODE_RUNNING] * 2
+    assert [e.type for e in later.events] == ["restarted"]
+
+
+def test_the_backoff_doubles_up_to_its_cap():
+    from service.reconciler import backoff_s
+
+    policy = pb.RestartPolicy(max_restarts=9, backoff_seconds=2, max_backoff_seconds=10)
+    assert [backoff_s(policy, k) for k in (1, 2, 3, 4)] == [2, 4, 8, 10]
+
+
+def test_the_restarted_world_reports_where_it_resumed_and_what_was_lost():
+    recovering = _running(step=30, generation=1)
+    recovering.recovery.failed_time.FromNanoseconds(T0 + 10 * SEC)
+    recovering.recovery.failed_step = 30
+    recovering.recovery.attempt = 1
+    stale = {"step": 31, "generation": 0, "loss": 9.0}  # the dead world's lease lingers
+    plan = decide(_restartable(status=recovering, ranks={0: stale}), {}, T0 + 20 * SEC, T0)
+    assert plan.status.HasField("recovery") and plan.events == []
+    report = {"step": 21, "generation": 1, "loss": 2.0, "total_steps": 50}
+    report |= {"resumed_step": 20, "resumed_from": "/c/step-00000020"}
+    view = _restartable(status=recovering, ranks={0: report})
+    plan = decide(view, {}, T0 + 22 * SEC, T0, last_progress_ns=T0 + 21 * SEC)
+    resumed = next(e for e in plan.events if e.type == "resumed")
+    assert resumed.message == (
+        "resumed from step 20 (/c/step-00000020); 10 step(s) lost; recovered in 12.0 s"
+    )
+    assert resumed.details["steps_lost"] == "10"
+    assert not plan.status.HasField("recovery") and plan.status.step == 21
+
+
+def test_past_the_budget_the_job_fails_naming_node_exit_code_and_log_line():
+    exhausted = _running(step=30, restarts=2)
+    observed = {0: Observed(False, exit_code=1), 1: Observed(running=True)}
+    lines = {0: "megamoe: error: boom"}
+    plan = decide(_restartable(status=exhausted), observed, T0, T0, lines)
+    assert plan.status.state == pb.FAILED and sorted(plan.stop) == [0, 1]
+    assert plan.status.message.startswith("node 0 exited with code 1: megamoe: error: boom")
+    assert "after 2 restart(s)" in plan.status.message
+
+
+def test_a_world_that_dies_while_restoring_rules_its_checkpoint_out():
+    recovering = _running(step=30, generation=1, restarts=1)
+    recovering.recovery.attempt = 1
+    restoring = {"path": "/c/step-00000020", "commit": "/c/step-00000020@1.5", "generation": 1}
+    observed = {0: Observed(False, exit_code=1), 1: Observed(False, exit_code=1)}
+    view = _restartable(status=recovering, restoring=restoring)
+    plan = decide(view, observed, T0, T0)
+    assert list(plan.status.skipped_checkpoints) == ["/c/step-00000020@1.5"]
+    assert "checkpoint_skipped" in [e.type for e in plan.events]
+    # a world that trained before it died keeps its checkpoint
+    trained = _restartable(status=recovering, restoring=restoring, ranks={0: {"generation": 1}})
+    assert not decide(trained, observed, T0, T0).status.skipped_checkpoints
+
+
+def test_cancel_while_backing_off_cancels_without_starting():
+    recovering = _running(restarts=1)
+    for node in recovering.nodes:
+        node.state = pb.NODE_STOPPED
+    recovering.recovery.restart_time.FromNanoseconds(T0)
+    plan = decide(_restartable(status=recovering, cancel=True), {}, T0 + SEC, T0)
+    assert plan.start == [] and plan.status.state == pb.CANCELLED

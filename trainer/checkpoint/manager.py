@@ -22,7 +22,7 @@ import json
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TextIO
@@ -85,9 +85,14 @@ def check_shapes(path: str | Path, manifest: dict[str, Any], cfg: Config) -> Non
 
 
 def resolve(
-    cfg: Config, resume: bool, resume_from: str | None, warn: Callable[[str], None]
+    cfg: Config,
+    resume: bool,
+    resume_from: str | None,
+    warn: Callable[[str], None],
+    skip: Collection[str] = (),
 ) -> Path | None:
-    """The checkpoint this run starts from, checked against the model, or None (fresh)."""
+    """The checkpoint this run starts from, checked against the model, or None (fresh).
+    ``skip``: commit ids (``store.commit_id``) ``--resume`` must pass over."""
     if resume_from:
         path = Path(resume_from)
         manifest = store.read_manifest(path)
@@ -97,7 +102,7 @@ def resolve(
     elif resume:
         if not cfg.checkpoint.dir:
             raise ConfigError("--resume needs checkpoint.dir (where the checkpoints are)")
-        entry = store.choose(cfg.checkpoint.dir, warn)
+        entry = store.choose(cfg.checkpoint.dir, warn, skip)
         if entry is None:
             warn(f"no committed checkpoint in {cfg.checkpoint.dir}: starting fresh")
             return None

@@ -21,7 +21,7 @@ import json
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,9 +136,24 @@ def committed(root: str | Path) -> list[Entry]:
     return [e for e in scan(root) if e.manifest is not None]
 
 
-def choose(root: str | Path, warn: Callable[[str], None]) -> Entry | None:
-    """The newest committed checkpoint that verifies; damaged ones are warned about."""
+def commit_id(path: str | Path, manifest: dict) -> str:
+    """One commit of a checkpoint directory: ``PATH@CREATED`` (a step re-saved later into
+    the same directory is another commit)."""
+    return f"{path}@{manifest.get('created_unix', 0)!r}"
+
+
+def choose(
+    root: str | Path, warn: Callable[[str], None], skip: Collection[str] = ()
+) -> Entry | None:
+    """The newest committed checkpoint that verifies and is not in ``skip`` (commit ids:
+    restores from them failed before); damaged or skipped ones are warned about."""
     for e in scan(root):
+        if e.manifest is not None and commit_id(e.path, e.manifest) in skip:
+            warn(
+                f"checkpoint {e.path}: a restore from it failed before; falling back to the "
+                "previous checkpoint"
+            )
+            continue
         if e.manifest is None:
             reason = e.problem or f"{MANIFEST} missing (the save never committed)"
             warn(f"checkpoint {e.path}: {reason}; falling back to the previous checkpoint")

@@ -14,6 +14,7 @@ never pickles.
     <prefix>/jobs/<job>/event_seq         the last event's seq, advanced by compare-and-swap
     <prefix>/jobs/<job>/ranks/<r>         step, loss, tokens/s, ... JSON (worker r, leased)
     <prefix>/jobs/<job>/checkpoint        newest committed checkpoint JSON (worker rank 0)
+    <prefix>/jobs/<job>/restoring         the checkpoint the world is loading JSON (worker rank 0)
     <prefix>/jobs/<job>/result            final loss, summary path JSON (worker rank 0)
     <prefix>/events/<job>/<seq>           one JobEvent; seq zero-padded (reconciler)
     <prefix>/rdzv/<run>/state             torchrun's rendezvous state (etcd-v3 backend)
@@ -66,6 +67,9 @@ class Keys:
 
     def checkpoint(self, job: str) -> str:
         return f"{self.job(job)}checkpoint"
+
+    def restoring(self, job: str) -> str:
+        return f"{self.job(job)}restoring"
 
     def result(self, job: str) -> str:
         return f"{self.job(job)}result"

@@ -42,13 +42,16 @@ next round (as they would with etcd gone anyway).
 
 etcd failures reach torch as ``RendezvousConnectionError`` (backend) or
 ``DistNetworkError`` (store), each chained to the EtcdUnavailable that names
-the endpoint and the key.
+the endpoint and the key - except while a formed world trains: then the
+backend answers from the last state it saw, so an etcd restart does not end
+the run (see ``EtcdRendezvousBackend``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -65,7 +68,9 @@ from torch.distributed.elastic.rendezvous.dynamic_rendezvous import RendezvousBa
 
 from trainer.elastic.etcd import Etcd, EtcdRequestError, Lease, LeaseKeeper
 from trainer.elastic.keys import DEFAULT_PREFIX, Keys
-from trainer.errors import MegamoeError
+from trainer.errors import EtcdUnavailable, MegamoeError
+
+log = logging.getLogger("megamoe.rendezvous")
 
 DEFAULT_REQUEST_TIMEOUT_S = 10
 DEFAULT_READ_TIMEOUT_S = 60
@@ -111,22 +116,57 @@ class RunLease:
 
 
 class EtcdRendezvousBackend(RendezvousBackend):
-    """The rendezvous state at one key, set by compare-and-swap on its mod_revision."""
+    """The rendezvous state at one key, set by compare-and-swap on its mod_revision.
+
+    Once the world has formed, an etcd outage must not end it: torch's agent asks
+    the backend for the state every few seconds while its workers train (are
+    nodes waiting to join?) and dies if that raises. So while etcd is unreachable
+    the backend answers with the last state it saw, and a write is answered as a
+    lost race with that same state: the agent carries on, the workers train, and
+    the heartbeats go through again when etcd is back. Before a state was ever
+    read (no world yet) an outage is an error, as torch expects.
+    """
 
     def __init__(self, etcd: Etcd, key: str, lease: RunLease) -> None:
         self._etcd, self._key, self._lease = etcd, key, lease
+        self._last: tuple[bytes, Token] | None = None
+        self._outage = False
 
     @property
     def name(self) -> str:
         return "etcd-v3"
 
     def get_state(self) -> tuple[bytes, Token] | None:
-        with _as_rendezvous_error():
-            return self._etcd.get(self._key)
+        try:
+            return self._seen(self._etcd.get(self._key))
+        except EtcdUnavailable as exc:
+            return self._stale(exc)
+
+    def _seen(self, current: tuple[bytes, Token] | None) -> tuple[bytes, Token] | None:
+        if self._outage:
+            log.warning("etcd is back at %s; the rendezvous is live again", self._etcd.endpoint)
+            self._outage = False
+        if current is not None:
+            self._last = current
+        return current
+
+    def _stale(self, exc: EtcdUnavailable) -> tuple[bytes, Token]:
+        if self._last is None:
+            raise RendezvousConnectionError(str(exc)) from exc
+        if not self._outage:
+            log.warning("%s; going on with the last rendezvous state seen", exc)
+            self._outage = True
+        return self._last
 
     def set_state(
         self, state: bytes, token: Token | None = None
     ) -> tuple[bytes, Token, bool] | None:
+        try:
+            return self._set_state(state, token)
+        except EtcdUnavailable as exc:
+            return (*self._stale(exc), False)
+
+    def _set_state(self, state: bytes, token: Token | None) -> tuple[bytes, Token, bool] | None:
         with _as_rendezvous_error():
             # A token we did not hand out cannot match; torch then gets the current state.
             written = isinstance(token, int | None) and self._etcd.compare_and_swap(
@@ -134,14 +174,18 @@ class EtcdRendezvousBackend(RendezvousBackend):
             )
             # Read back either way: the (state, token) pair torch keeps is then always
             # one etcd holds, even if another node wrote right after us.
-            current = self._etcd.get(self._key)
+            current = self._seen(self._etcd.get(self._key))
         return None if current is None else (*current, written)
 
 
 @contextlib.contextmanager
 def _as_rendezvous_error() -> Iterator[None]:
+    """etcd refusing a request becomes torch's error; etcd unreachable passes through
+    (the backend answers from its last state then)."""
     try:
         yield
+    except EtcdUnavailable:
+        raise
     except MegamoeError as exc:
         raise RendezvousConnectionError(str(exc)) from exc
 

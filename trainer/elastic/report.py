@@ -33,6 +33,7 @@ from trainer.errors import MegamoeError
 ENV_JOB = "MEGAMOE_JOB_ID"
 ENV_ETCD = "MEGAMOE_ETCD"
 ENV_PREFIX = "MEGAMOE_ETCD_PREFIX"
+ENV_GENERATION = "MEGAMOE_GENERATION"  # which start of the job's world this is
 ENV_RANKS_PER_HOST = "MEGAMOE_RANKS_PER_HOST"  # ranks sharing this machine's cores (local executor)
 LEASE_TTL_S = 15
 FINAL_FLUSH_S = 10.0  # how long the last write may retry at exit
@@ -48,11 +49,14 @@ class Reporter:
         interval: float = 1.0,
         out: TextIO | None = None,
         final_flush_s: float = FINAL_FLUSH_S,
+        generation: int = 0,
     ) -> None:
         self.etcd, self.keys, self.job_id, self.rank = etcd, keys, job_id, rank
+        self.generation = generation
         self.interval, self.final_flush_s = interval, final_flush_s
         self.out = out if out is not None else sys.stderr
         self._lock = threading.Lock()
+        self._flushing = threading.Lock()  # one writer at a time: the thread or flush()
         self._latest: dict[str, Any] | None = None  # this rank's record, not yet written
         self._durable: dict[str, bytes] = {}  # key -> value, not yet written
         self._lease: Lease | None = None
@@ -69,23 +73,36 @@ class Reporter:
         if not (job and endpoint):
             return None
         keys = Keys(os.environ.get(ENV_PREFIX) or DEFAULT_PREFIX)
-        return cls(Etcd(endpoint), keys, job, rank)
+        generation = int(os.environ.get(ENV_GENERATION) or 0)
+        return cls(Etcd(endpoint), keys, job, rank, generation=generation)
 
     # ---------------------------------------------------------------- what to report
 
     def step(self, record: dict[str, Any]) -> None:
         """This rank's newest progress (written by the publisher thread, latest wins)."""
         with self._lock:
-            self._latest = {**record, "rank": self.rank, "time": time.time()}
+            self._latest = {
+                **record,
+                "rank": self.rank,
+                "generation": self.generation,
+                "time": time.time(),
+            }
 
     def checkpoint(self, step: int, path: str) -> None:
         """Rank 0: a checkpoint committed."""
-        value = {"step": step, "path": path, "time": time.time()}
+        value = {"step": step, "path": path, "generation": self.generation, "time": time.time()}
         self._durably(self.keys.checkpoint(self.job_id), value)
+
+    def restoring(self, path: str, commit: str) -> None:
+        """Rank 0: the world is about to load this checkpoint (written before it does)."""
+        value = {"path": path, "commit": commit, "generation": self.generation}
+        self._durably(self.keys.restoring(self.job_id), {**value, "time": time.time()})
+        self.flush(FINAL_FLUSH_S)
 
     def finished(self, result: dict[str, Any]) -> None:
         """Rank 0: the run ended (final loss, summary path, ...)."""
-        self._durably(self.keys.result(self.job_id), {**result, "time": time.time()})
+        value = {**result, "generation": self.generation, "time": time.time()}
+        self._durably(self.keys.result(self.job_id), value)
 
     def _durably(self, key: str, value: dict[str, Any]) -> None:
         with self._lock:
@@ -96,7 +113,8 @@ class Reporter:
 
     def _run(self) -> None:
         while not self._stopped.is_set():
-            self._flush()
+            with self._flushing:
+                self._flush()
             self._wake.wait(self.interval)
             self._wake.clear()
 
@@ -140,14 +158,23 @@ class Reporter:
             self._keeper = self._lease.keep_alive()
         return self._lease
 
+    def flush(self, timeout: float) -> bool:
+        """Write what is pending now, retrying up to ``timeout`` seconds; True if written."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._flushing:
+                if self._flush():
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.5)
+
     def close(self) -> None:
         """Write what is pending (retrying up to ``final_flush_s``), then drop the lease."""
         self._stopped.set()
         self._wake.set()
         self._thread.join()
-        deadline = time.monotonic() + self.final_flush_s
-        while not self._flush() and time.monotonic() < deadline:
-            time.sleep(0.5)
+        self.flush(self.final_flush_s)
         if self._keeper is not None:
             self._keeper.stop()
             with contextlib.suppress(MegamoeError):  # else it lapses after its TTL

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15megamoe/v1/jobs.proto\x12\nmegamoe.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"[\n\rRestartPolicy\x12\x14\n\x0cmax_restarts\x18\x01 \x01(\x05\x12\x17\n\x0f\x62\x61\x63koff_seconds\x18\x02 \x01(\x01\x12\x1b\n\x13max_backoff_seconds\x18\x03 \x01(\x01\"\xa7\x02\n\x07JobSpec\x12\x13\n\x0b\x63onfig_toml\x18\x01 \x01(\t\x12\x11\n\toverrides\x18\x02 \x03(\t\x12\x11\n\tnum_nodes\x18\x03 \x01(\x05\x12\x16\n\x0eprocs_per_node\x18\x04 \x01(\x05\x12\r\n\x05image\x18\x05 \x01(\t\x12*\n\x07restart\x18\x06 \x01(\x0b\x32\x19.megamoe.v1.RestartPolicy\x12.\n\tstraggler\x18\x07 \x01(\x0e\x32\x1b.megamoe.v1.StragglerPolicy\x12/\n\x06labels\x18\x08 \x03(\x0b\x32\x1f.megamoe.v1.JobSpec.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa1\x01\n\nNodeStatus\x12\r\n\x05index\x18\x01 \x01(\x05\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.megamoe.v1.NodeState\x12\x10\n\x08restarts\x18\x03 \x01(\x05\x12\x11\n\texit_code\x18\x04 \x01(\x05\x12\x0e\n\x06signal\x18\x05 \x01(\x05\x12\x0b\n\x03pid\x18\x06 \x01(\x03\x12\x0b\n\x03pod\x18\x07 \x01(\t\x12\x0f\n\x07message\x18\x08 \x01(\t\"\xc6\x03\n\tJobStatus\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.megamoe.v1.JobState\x12%\n\x05nodes\x18\x02 \x03(\x0b\x32\x16.megamoe.v1.NodeStatus\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x04 \x01(\x03\x12\x0e\n\x06tokens\x18\x05 \x01(\x03\x12\x11\n\tlast_loss\x18\x06 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x07 \x01(\x01\x12\x0b\n\x03mfu\x18\x08 \x01(\x01\x12\x17\n\x0flast_checkpoint\x18\t \x01(\t\x12\x1c\n\x14last_checkpoint_step\x18\n \x01(\x03\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07message\x18\x0e \x01(\t\x12\x14\n\x0csummary_path\x18\x0f \x01(\t\x12\x12\n\nfinal_loss\x18\x10 \x01(\x01\"_\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12!\n\x04spec\x18\x02 \x01(\x0b\x32\x13.megamoe.v1.JobSpec\x12%\n\x06status\x18\x03 \x01(\x0b\x32\x15.megamoe.v1.JobStatus\"E\n\x10\x43reateJobRequest\x12!\n\x04spec\x18\x01 \x01(\x0b\x32\x13.megamoe.v1.JobSpec\x12\x0e\n\x06job_id\x18\x02 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"]\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.megamoe.v1.JobState\"J\n\x10ListJobsResponse\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.megamoe.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"4\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\"\x87\x02\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04type\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12#\n\x05state\x18\x06 \x01(\x0e\x32\x14.megamoe.v1.JobState\x12\x0c\n\x04node\x18\x07 \x01(\x05\x12\x32\n\x07\x64\x65tails\x18\x08 \x03(\x0b\x32!.megamoe.v1.JobEvent.DetailsEntry\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"U\n\x11GetJobLogsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\x05\x12\x12\n\ntail_lines\x18\x03 \x01(\x05\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\"\x18\n\x08LogChunk\x12\x0c\n\x04text\x18\x01 \x01(\t*i\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05*\x82\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cNODE_PENDING\x10\x01\x12\x10\n\x0cNODE_RUNNING\x10\x02\x12\x12\n\x0eNODE_SUCCEEDED\x10\x03\x12\x0f\n\x0bNODE_FAILED\x10\x04\x12\x10\n\x0cNODE_STOPPED\x10\x05*s\n\x0fStragglerPolicy\x12 \n\x1cSTRAGGLER_POLICY_UNSPECIFIED\x10\x00\x12\x11\n\rSTRAGGLER_OFF\x10\x01\x12\x14\n\x10STRAGGLER_REPORT\x10\x02\x12\x15\n\x11STRAGGLER_REPLACE\x10\x03\x32\x87\x03\n\nJobService\x12:\n\tCreateJob\x12\x1c.megamoe.v1.CreateJobRequest\x1a\x0f.megamoe.v1.Job\x12\x34\n\x06GetJob\x12\x19.megamoe.v1.GetJobRequest\x1a\x0f.megamoe.v1.Job\x12\x45\n\x08ListJobs\x12\x1b.megamoe.v1.ListJobsRequest\x1a\x1c.megamoe.v1.ListJobsResponse\x12:\n\tCancelJob\x12\x1c.megamoe.v1.CancelJobRequest\x1a\x0f.megamoe.v1.Job\x12?\n\x08WatchJob\x12\x1b.megamoe.v1.WatchJobRequest\x1a\x14.megamoe.v1.JobEvent0\x01\x12\x43\n\nGetJobLogs\x12\x1d.megamoe.v1.GetJobLogsRequest\x1a\x14.megamoe.v1.LogChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15megamoe/v1/jobs.proto\x12\nmegamoe.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"[\n\rRestartPolicy\x12\x14\n\x0cmax_restarts\x18\x01 \x01(\x05\x12\x17\n\x0f\x62\x61\x63koff_seconds\x18\x02 \x01(\x01\x12\x1b\n\x13max_backoff_seconds\x18\x03 \x01(\x01\"\xa7\x02\n\x07JobSpec\x12\x13\n\x0b\x63onfig_toml\x18\x01 \x01(\t\x12\x11\n\toverrides\x18\x02 \x03(\t\x12\x11\n\tnum_nodes\x18\x03 \x01(\x05\x12\x16\n\x0eprocs_per_node\x18\x04 \x01(\x05\x12\r\n\x05image\x18\x05 \x01(\t\x12*\n\x07restart\x18\x06 \x01(\x0b\x32\x19.megamoe.v1.RestartPolicy\x12.\n\tstraggler\x18\x07 \x01(\x0e\x32\x1b.megamoe.v1.StragglerPolicy\x12/\n\x06labels\x18\x08 \x03(\x0b\x32\x1f.megamoe.v1.JobSpec.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa1\x01\n\nNodeStatus\x12\r\n\x05index\x18\x01 \x01(\x05\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.megamoe.v1.NodeState\x12\x10\n\x08restarts\x18\x03 \x01(\x05\x12\x11\n\texit_code\x18\x04 \x01(\x05\x12\x0e\n\x06signal\x18\x05 \x01(\x05\x12\x0b\n\x03pid\x18\x06 \x01(\x03\x12\x0b\n\x03pod\x18\x07 \x01(\t\x12\x0f\n\x07message\x18\x08 \x01(\t\"\xb1\x04\n\tJobStatus\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.megamoe.v1.JobState\x12%\n\x05nodes\x18\x02 \x03(\x0b\x32\x16.megamoe.v1.NodeStatus\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x04 \x01(\x03\x12\x0e\n\x06tokens\x18\x05 \x01(\x03\x12\x11\n\tlast_loss\x18\x06 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x07 \x01(\x01\x12\x0b\n\x03mfu\x18\x08 \x01(\x01\x12\x17\n\x0flast_checkpoint\x18\t \x01(\t\x12\x1c\n\x14last_checkpoint_step\x18\n \x01(\x03\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07message\x18\x0e \x01(\t\x12\x14\n\x0csummary_path\x18\x0f \x01(\t\x12\x12\n\nfinal_loss\x18\x10 \x01(\x01\x12\x10\n\x08restarts\x18\x11 \x01(\x05\x12\x12\n\ngeneration\x18\x12 \x01(\x03\x12&\n\x08recovery\x18\x13 \x01(\x0b\x32\x14.megamoe.v1.Recovery\x12\x1b\n\x13skipped_checkpoints\x18\x14 \x03(\t\"\xa3\x01\n\x08Recovery\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\x05\x12/\n\x0b\x66\x61iled_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x66\x61iled_step\x18\x03 \x01(\x03\x12\x30\n\x0crestart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x05 \x01(\t\"_\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12!\n\x04spec\x18\x02 \x01(\x0b\x32\x13.megamoe.v1.JobSpec\x12%\n\x06status\x18\x03 \x01(\x0b\x32\x15.megamoe.v1.JobStatus\"E\n\x10\x43reateJobRequest\x12!\n\x04spec\x18\x01 \x01(\x0b\x32\x13.megamoe.v1.JobSpec\x12\x0e\n\x06job_id\x18\x02 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"]\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.megamoe.v1.JobState\"J\n\x10ListJobsResponse\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.megamoe.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"4\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\"\x87\x02\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04type\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12#\n\x05state\x18\x06 \x01(\x0e\x32\x14.megamoe.v1.JobState\x12\x0c\n\x04node\x18\x07 \x01(\x05\x12\x32\n\x07\x64\x65tails\x18\x08 \x03(\x0b\x32!.megamoe.v1.JobEvent.DetailsEntry\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"U\n\x11GetJobLogsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\x05\x12\x12\n\ntail_lines\x18\x03 \x01(\x05\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\"\x18\n\x08LogChunk\x12\x0c\n\x04text\x18\x01 \x01(\t*i\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x12\r\n\tCANCELLED\x10\x05*\x82\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cNODE_PENDING\x10\x01\x12\x10\n\x0cNODE_RUNNING\x10\x02\x12\x12\n\x0eNODE_SUCCEEDED\x10\x03\x12\x0f\n\x0bNODE_FAILED\x10\x04\x12\x10\n\x0cNODE_STOPPED\x10\x05*s\n\x0fStragglerPolicy\x12 \n\x1cSTRAGGLER_POLICY_UNSPECIFIED\x10\x00\x12\x11\n\rSTRAGGLER_OFF\x10\x01\x12\x14\n\x10STRAGGLER_REPORT\x10\x02\x12\x15\n\x11STRAGGLER_REPLACE\x10\x03\x32\x87\x03\n\nJobService\x12:\n\tCreateJob\x12\x1c.megamoe.v1.CreateJobRequest\x1a\x0f.megamoe.v1.Job\x12\x34\n\x06GetJob\x12\x19.megamoe.v1.GetJobRequest\x1a\x0f.megamoe.v1.Job\x12\x45\n\x08ListJobs\x12\x1b.megamoe.v1.ListJobsRequest\x1a\x1c.megamoe.v1.ListJobsResponse\x12:\n\tCancelJob\x12\x1c.megamoe.v1.CancelJobRequest\x1a\x0f.megamoe.v1.Job\x12?\n\x08WatchJob\x12\x1b.megamoe.v1.WatchJobRequest\x1a\x14.megamoe.v1.JobEvent0\x01\x12\x43\n\nGetJobLogs\x12\x1d.megamoe.v1.GetJobLogsRequest\x1a\x14.megamoe.v1.LogChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,12 +36,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBSPEC_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_JOBEVENT_DETAILSENTRY']._loaded_options = None
   _globals['_JOBEVENT_DETAILSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=1923
-  _globals['_JOBSTATE']._serialized_end=2028
-  _globals['_NODESTATE']._serialized_start=2031
-  _globals['_NODESTATE']._serialized_end=2161
-  _globals['_STRAGGLERPOLICY']._serialized_start=2163
-  _globals['_STRAGGLERPOLICY']._serialized_end=2278
+  _globals['_JOBSTATE']._serialized_start=2196
+  _globals['_JOBSTATE']._serialized_end=2301
+  _globals['_NODESTATE']._serialized_start=2304
+  _globals['_NODESTATE']._serialized_end=2434
+  _globals['_STRAGGLERPOLICY']._serialized_start=2436
+  _globals['_STRAGGLERPOLICY']._serialized_end=2551
   _globals['_RESTARTPOLICY']._serialized_start=70
   _globals['_RESTARTPOLICY']._serialized_end=161
   _globals['_JOBSPEC']._serialized_start=164
@@ -51,29 +51,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NODESTATUS']._serialized_start=462
   _globals['_NODESTATUS']._serialized_end=623
   _globals['_JOBSTATUS']._serialized_start=626
-  _globals['_JOBSTATUS']._serialized_end=1080
-  _globals['_JOB']._serialized_start=1082
-  _globals['_JOB']._serialized_end=1177
-  _globals['_CREATEJOBREQUEST']._serialized_start=1179
-  _globals['_CREATEJOBREQUEST']._serialized_end=1248
-  _globals['_GETJOBREQUEST']._serialized_start=1250
-  _globals['_GETJOBREQUEST']._serialized_end=1281
-  _globals['_LISTJOBSREQUEST']._serialized_start=1283
-  _globals['_LISTJOBSREQUEST']._serialized_end=1376
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1378
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1452
-  _globals['_CANCELJOBREQUEST']._serialized_start=1454
-  _globals['_CANCELJOBREQUEST']._serialized_end=1488
-  _globals['_WATCHJOBREQUEST']._serialized_start=1490
-  _globals['_WATCHJOBREQUEST']._serialized_end=1542
-  _globals['_JOBEVENT']._serialized_start=1545
-  _globals['_JOBEVENT']._serialized_end=1808
-  _globals['_JOBEVENT_DETAILSENTRY']._serialized_start=1762
-  _globals['_JOBEVENT_DETAILSENTRY']._serialized_end=1808
-  _globals['_GETJOBLOGSREQUEST']._serialized_start=1810
-  _globals['_GETJOBLOGSREQUEST']._serialized_end=1895
-  _globals['_LOGCHUNK']._serialized_start=1897
-  _globals['_LOGCHUNK']._serialized_end=1921
-  _globals['_JOBSERVICE']._serialized_start=2281
-  _globals['_JOBSERVICE']._serialized_end=2672
+  _globals['_JOBSTATUS']._serialized_end=1187
+  _globals['_RECOVERY']._serialized_start=1190
+  _globals['_RECOVERY']._serialized_end=1353
+  _globals['_JOB']._serialized_start=1355
+  _globals['_JOB']._serialized_end=1450
+  _globals['_CREATEJOBREQUEST']._serialized_start=1452
+  _globals['_CREATEJOBREQUEST']._serialized_end=1521
+  _globals['_GETJOBREQUEST']._serialized_start=1523
+  _globals['_GETJOBREQUEST']._serialized_end=1554
+  _globals['_LISTJOBSREQUEST']._serialized_start=1556
+  _globals['_LISTJOBSREQUEST']._serialized_end=1649
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1651
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1725
+  _globals['_CANCELJOBREQUEST']._serialized_start=1727
+  _globals['_CANCELJOBREQUEST']._serialized_end=1761
+  _globals['_WATCHJOBREQUEST']._serialized_start=1763
+  _globals['_WATCHJOBREQUEST']._serialized_end=1815
+  _globals['_JOBEVENT']._serialized_start=1818
+  _globals['_JOBEVENT']._serialized_end=2081
+  _globals['_JOBEVENT_DETAILSENTRY']._serialized_start=2035
+  _globals['_JOBEVENT_DETAILSENTRY']._serialized_end=2081
+  _globals['_GETJOBLOGSREQUEST']._serialized_start=2083
+  _globals['_GETJOBLOGSREQUEST']._serialized_end=2168
+  _globals['_LOGCHUNK']._serialized_start=2170
+  _globals['_LOGCHUNK']._serialized_end=2194
+  _globals['_JOBSERVICE']._serialized_start=2554
+  _globals['_JOBSERVICE']._serialized_end=2945
 # @@protoc_insertion_point(module_scope)

@@ -109,7 +109,7 @@ class NodeStatus(_message.Message):
     def __init__(self, index: _Optional[int] = ..., state: _Optional[_Union[NodeState, str]] = ..., restarts: _Optional[int] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., pid: _Optional[int] = ..., pod: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("state", "nodes", "step", "total_steps", "tokens", "last_loss", "tokens_per_second", "mfu", "last_checkpoint", "last_checkpoint_step", "create_time", "start_time", "end_time", "message", "summary_path", "final_loss")
+    __slots__ = ("state", "nodes", "step", "total_steps", "tokens", "last_loss", "tokens_per_second", "mfu", "last_checkpoint", "last_checkpoint_step", "create_time", "start_time", "end_time", "message", "summary_path", "final_loss", "restarts", "generation", "recovery", "skipped_checkpoints")
     STATE_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,10 @@ class JobStatus(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_PATH_FIELD_NUMBER: _ClassVar[int]
     FINAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
     state: JobState
     nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
     step: int
@@ -142,7 +146,25 @@ class JobStatus(_message.Message):
     message: str
     summary_path: str
     final_loss: float
-    def __init__(self, state: _Optional[_Union[JobState, str]] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., tokens: _Optional[int] = ..., last_loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., mfu: _Optional[float] = ..., last_checkpoint: _Optional[str] = ..., last_checkpoint_step: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., message: _Optional[str] = ..., summary_path: _Optional[str] = ..., final_loss: _Optional[float] = ...) -> None: ...
+    restarts: int
+    generation: int
+    recovery: Recovery
+    skipped_checkpoints: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, state: _Optional[_Union[JobState, str]] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., tokens: _Optional[int] = ..., last_loss: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., mfu: _Optional[float] = ..., last_checkpoint: _Optional[str] = ..., last_checkpoint_step: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., message: _Optional[str] = ..., summary_path: _Optional[str] = ..., final_loss: _Optional[float] = ..., restarts: _Optional[int] = ..., generation: _Optional[int] = ..., recovery: _Optional[_Union[Recovery, _Mapping]] = ..., skipped_checkpoints: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Recovery(_message.Message):
+    __slots__ = ("attempt", "failed_time", "failed_step", "restart_time", "reason")
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    FAILED_TIME_FIELD_NUMBER: _ClassVar[int]
+    FAILED_STEP_FIELD_NUMBER: _ClassVar[int]
+    RESTART_TIME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    attempt: int
+    failed_time: _timestamp_pb2.Timestamp
+    failed_step: int
+    restart_time: _timestamp_pb2.Timestamp
+    reason: str
+    def __init__(self, attempt: _Optional[int] = ..., failed_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., failed_step: _Optional[int] = ..., restart_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("job_id", "spec", "status")
