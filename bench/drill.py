@@ -49,6 +49,7 @@ KINDS = ("worker", "agent", "control-plane", "etcd")
 STEPS = 60
 SETS = ["parallel.n=2", f"train.steps={STEPS}", "train.global_batch=32"]
 JOB_SETS = [*SETS, "checkpoint.interval=5"]
+JOB_TIMEOUT_S = 300.0
 
 
 class Server:
@@ -156,12 +157,15 @@ def _drill_one(i, kind, rng, server, etcd, demo, reference) -> tuple[dict, objec
     done = _inject(kind, rng, job_id, server, etcd)
     etcd = done.pop("etcd", etcd)
     moved = None  # the first time the job's status moved past the fault's step
+    deadline = time.monotonic() + JOB_TIMEOUT_S
     while True:
         s = _status(server, job_id)
         if moved is None and s.step > step_at_fault and not s.HasField("recovery"):
             moved = time.time()
         if s.state in (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED):
             break
+        if time.monotonic() > deadline:  # a job that does not come back is a failed drill
+            _retrying(server.stub().CancelJob, pb.CancelJobRequest(job_id=job_id))
         time.sleep(0.05)
     events = list(_retrying(server.stub().WatchJob, pb.WatchJobRequest(job_id=job_id)))
     resumed = [e for e in events if e.type == "resumed"]

@@ -168,6 +168,11 @@ def decide(
             reason += f" (after {status.restarts} restart(s), the most the spec allows)"
         return _finish(plan, pb.FAILED, reason, now_ns)
 
+    if not any(n.state == pb.NODE_RUNNING for n in status.nodes) and not (
+        status.HasField("recovery") or all(n.state == pb.NODE_SUCCEEDED for n in status.nodes)
+    ):  # cannot happen by the rules above; if it did, the job would wait forever
+        return _finish(plan, pb.FAILED, "no node of the job runs and none will start", now_ns)
+
     if all(n.state == pb.NODE_SUCCEEDED for n in status.nodes):
         result = view.result or {}
         if result.get("final_loss") is not None:
@@ -271,6 +276,8 @@ def _fold_progress(plan: Plan, view: JobView, now_ns: int, last_progress_ns: int
     report = view.ranks.get(0)
     if report and report.get("generation", 0) != status.generation:
         report = None
+    if status.HasField("recovery") and not any(n.state == pb.NODE_RUNNING for n in status.nodes):
+        report = None  # stopped, not yet restarted: a report can only be the dead world's
     if report and status.HasField("recovery") and report.get("step", 0) > 0:
         _resumed(plan, report, now_ns)
         status.step = 0  # the restarted world's steps replace the lost ones

@@ -234,3 +234,16 @@ def test_cancel_while_backing_off_cancels_without_starting():
     recovering.recovery.restart_time.FromNanoseconds(T0)
     plan = decide(_restartable(status=recovering, cancel=True), {}, T0 + SEC, T0)
     assert plan.start == [] and plan.status.state == pb.CANCELLED
+
+
+def test_a_dead_worlds_last_report_does_not_count_as_the_restart_resuming():
+    """Between the failure and the restart the old world's rank 0 record may linger
+    (its lease has not lapsed): the job must still restart, not call itself resumed."""
+    observed = {0: Observed(running=True), 1: Observed(False, exit_code=1)}
+    lingering = {0: {"step": 33, "generation": 0, "loss": 2.0}}
+    failed = decide(_restartable(ranks=lingering), observed, T0, T0)
+    assert failed.status.HasField("recovery")
+    due = failed.status.recovery.restart_time.ToNanoseconds()
+    plan = decide(_restartable(status=failed.status, ranks=lingering), {}, due, T0)
+    assert plan.start == [0, 1] and "resumed" not in [e.type for e in plan.events]
+    assert plan.status.HasField("recovery") and plan.status.generation == 1
