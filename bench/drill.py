@@ -1,11 +1,12 @@
 """Fault drill: N faults injected at random moments into live jobs; what came back, how fast.
 
-    python bench/drill.py [--faults 8] [--seed 1] [--json bench/results/drill.json]
+    python bench/drill.py [--faults 12] [--seed 1] [--json bench/results/drill.json]
 
 Starts a private etcd and `megamoe serve` on it, runs the uninterrupted reference
 once (`megamoe train --nproc 2`), then one job after another (configs/tiny.toml as
 2 nodes x 1 process, 60 steps, a checkpoint every 5, up to 3 restarts) and into each,
-at a random step between 8 and 40, one fault of a kind drawn at random:
+at a random step between 8 and 40, one fault (the kinds take turns, in a random
+order):
 
 - worker: SIGKILL one training process of a random node;
 - agent: SIGKILL a random node's torchrun agent (its worker is orphaned);
@@ -199,7 +200,7 @@ def _drill_one(i, kind, rng, server, etcd, demo, reference) -> tuple[dict, objec
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--faults", type=int, default=8)
+    p.add_argument("--faults", type=int, default=12)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--data", default=str(ROOT / "data/demo"), help="a prepared corpus")
     p.add_argument("--json", default="bench/results/drill.json")
@@ -215,8 +216,9 @@ def main() -> None:
             print("reference: the uninterrupted run ...", flush=True)
             reference = _reference(a.data, Path(tmp) / "reference.json")
             server.start()
-            for i in range(a.faults):
-                kind = rng.choice(KINDS)
+            kinds = [KINDS[i % len(KINDS)] for i in range(a.faults)]  # each kind as often
+            rng.shuffle(kinds)
+            for i, kind in enumerate(kinds):
                 row, etcd = _drill_one(i, kind, rng, server, etcd, a.data, reference)
                 rows.append(row)
                 print(
