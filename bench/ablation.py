@@ -32,7 +32,7 @@ ranks waiting for each other on shared cores; and per row the idle core time
 (core-seconds of the step no rank's thread ran: what the network and the
 stalls really cost a machine with more ranks than cores).
 
-``--png`` plots (needs matplotlib: ``pip install -e '.[bench]'``, checked
+``--png`` plots (needs matplotlib, a dependency of megamoe, checked
 before the ladder starts); without it nothing is plotted. The fabric needs
 root and iproute2, also checked first (``--no-fabric`` runs loopback only).
 """

@@ -12,7 +12,7 @@ backward all-gathers are the FP8 ones).
 Trains configs/tiny.toml on the demo corpus twice from the same seed and
 reports the largest gap between the two loss curves smoothed over 20 steps,
 the final losses and the bytes of the compressed collectives. ``--png`` plots
-both curves and their difference (needs matplotlib: ``pip install -e '.[bench]'``,
+both curves and their difference (needs matplotlib, a dependency of megamoe,
 checked before the first run starts); without it nothing is plotted.
 """
 

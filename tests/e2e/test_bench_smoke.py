@@ -91,7 +91,7 @@ def test_a_plot_without_matplotlib_fails_before_any_training(tmp_path, no_matplo
     assert "step" not in res.stdout and not out.exists()
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1, res.stderr
-    assert "--png needs matplotlib" in lines[0] and "pip install -e '.[bench]'" in lines[0]
+    assert "--png needs matplotlib" in lines[0] and "pip install -e ." in lines[0]
     assert not out.exists() and res.stdout == ""
 
 
