@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test lint format proto clean
+.PHONY: setup demo test lint format proto dashboard system-tools clean
 
 setup: $(VENV)/.installed
 
@@ -29,12 +29,28 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: setup lint
+# Debian tools the tests drive for real: chromium opens the HTML reports. Installed with
+# apt when missing and root (CI); otherwise named, with the command to install them.
+SYSTEM_TOOLS := chromium
+system-tools:
+	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing$$missing (apt)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends$$missing >/dev/null; \
+	  else echo "make test needs$$missing: sudo apt-get install$$missing" >&2; exit 1; fi; \
+	fi
+
+test: setup lint system-tools
 	$(BIN)/python -m pytest -q tests
 
 # Regenerate the committed gRPC stubs (service/_gen) from proto/; a test fails when they are stale.
 proto: setup
 	$(BIN)/python -m service.protos
+
+# Regenerate the Grafana dashboard (helm/megamoe/dashboards/megamoe.json); a test fails when stale.
+dashboard: setup
+	$(BIN)/python -m service.dashboard
 
 format: setup
 	$(BIN)/ruff format .

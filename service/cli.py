@@ -6,6 +6,7 @@ Subcommands available in this build:
 * ``megamoe data prepare --input PATHS --output DIR [--tokenizer byte|bpe] ...``
 * ``megamoe config show --config F [--set ...]`` prints the validated, resolved config.
 * ``megamoe plan --config F --gpus N [--gpu H800] [--global-batch B] [--json] [--search]``
+* ``megamoe report RUN_DIR|SUMMARY_JSON|--job ID [--server HOST:PORT] [--output DIR]``
 * ``megamoe checkpoint list DIR [--json]`` / ``megamoe checkpoint verify PATH``
 * ``megamoe serve [--host H] [--port P] [--etcd URL] [--state-dir D] [--token-file F] ...``
 * ``megamoe job submit|get|list|cancel|watch|logs --server HOST:PORT ...``
@@ -136,6 +137,32 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return run_plan(args)
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from trainer.observe.report import find_summary, load_summary, write_report
+
+    source = args.source
+    if args.job:
+        from service import jobcli
+
+        _, pb, _ = jobcli._api()
+        stub, metadata = jobcli._stub(args)
+        try:
+            job = jobcli._call(stub.GetJob, pb.GetJobRequest(job_id=args.job), metadata)
+        except jobcli.ApiError as exc:
+            raise MegamoeError(f"job {args.job} on {args.server}: {exc}") from None
+        source = job.status.summary_path
+        if not source:
+            state = pb.JobState.Name(job.status.state)
+            raise MegamoeError(f"job {args.job} has no run summary yet (it is {state})")
+    path = find_summary(source).resolve()
+    out = Path(args.output) if args.output else path.parent / "report"
+    index = write_report(load_summary(path), out, source=path)
+    print(f"report: {index}")
+    return 0
+
+
 def _cmd_data_prepare(args: argparse.Namespace) -> int:
     from trainer.data import prepare_corpus
     from trainer.data.demo import stdlib_sources
@@ -177,6 +204,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         args.tls_key,
         args.prefix,
         args.executor,
+        args.metrics_port,
+        args.metrics_host,
     )
 
 
@@ -190,6 +219,8 @@ def _add_serve(sub) -> None:
     serve.add_argument("--tls-cert", help="serve TLS with this certificate (PEM)")
     serve.add_argument("--tls-key", help="... and this private key (PEM)")
     serve.add_argument("--prefix", default="/megamoe", help="etcd key prefix")
+    serve.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0 = off)")
+    serve.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics port")
     serve.add_argument(
         "--executor",
         choices=["local", "none"],
@@ -254,6 +285,18 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     plan.add_argument("--search", action="store_true", help="rank the layouts that fit")
     plan.set_defaults(func=_cmd_plan)
+
+    report = sub.add_parser("report", help="plot a run summary: PNGs and one index.html")
+    which = report.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "source", nargs="?", metavar="RUN_DIR|SUMMARY_JSON", help="a summary or its directory"
+    )
+    which.add_argument("--job", metavar="ID", help="the summary of this control-plane job")
+    report.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT, with --job")
+    report.add_argument("--token-file", help="bearer token, with --job (when the server wants one)")
+    report.add_argument("--ca-cert", help="CA certificate, with --job on a server with TLS")
+    report.add_argument("--output", metavar="DIR", help="default: <summary's directory>/report")
+    report.set_defaults(func=_cmd_report)
 
     _add_serve(sub)
     from service import jobcli

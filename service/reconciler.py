@@ -394,8 +394,11 @@ class Reconciler:
         tick_s: float = TICK_S,
         grace_s: float = STOP_GRACE_S,
         clock: Callable[[], int] = time.time_ns,
+        metrics=None,
     ) -> None:
         self.store, self.executor = store, executor
+        self.metrics = metrics  # service.metrics.ServeMetrics, or None
+        self._started_ns: dict[str, int] = {}  # job -> when its world last started
         self.tick_s, self.grace_s, self.clock = tick_s, grace_s, clock
         self._last_progress: dict[str, int] = {}
         self._stopped = threading.Event()
@@ -506,6 +509,27 @@ class Reconciler:
         for event in plan.events:
             if event.type != "progress":
                 log.info("job %s: %s", job_id, event.message)
+        self._measure(job_id, view, plan, now)
+
+    def _measure(self, job_id: str, view: JobView, plan: Plan, now: int) -> None:
+        """Restarts, recovery and rendezvous durations from a committed plan."""
+        if self.metrics is None:
+            return
+        for event in plan.events:
+            if event.type == "restarting":
+                self.metrics.job_restarts.labels(job_id=job_id).inc()
+            elif event.type == "resumed":
+                self.metrics.recovery_seconds.observe(float(event.details["recovery_s"]))
+            elif (event.type, event.state) in (("state", pb.RUNNING), ("restarted", pb.RUNNING)):
+                self._started_ns[job_id] = now
+        before = view.status.step if view.status is not None else 0
+        started = self._started_ns.get(job_id)
+        first_step = plan.status.step > 0 and (before == 0 or plan.status.step < before)
+        if started is not None and first_step:
+            self.metrics.rendezvous_seconds.observe((now - started) / 1e9)
+            del self._started_ns[job_id]
+        if plan.status.state in TERMINAL:
+            self._started_ns.pop(job_id, None)
 
     def _abort_start(
         self, job_id: str, plan: Plan, handles: dict[int, NodeHandle], exc: Exception, now: int

@@ -24,6 +24,7 @@ from pathlib import Path
 from service.errors import Unavailable
 from service.executor import LocalExecutor
 from service.manager import JobManager
+from service.metrics import ServeMetrics
 from service.reconciler import Reconciler
 from service.server import create_server
 from service.store import JobStore
@@ -52,6 +53,8 @@ def serve(
     tls_key: str | None = None,
     prefix: str = DEFAULT_PREFIX,
     executor_kind: str = "local",
+    metrics_port: int = 0,
+    metrics_host: str = "127.0.0.1",
 ) -> int:
     from trainer.elastic.etcd import Etcd, start_etcd
 
@@ -80,15 +83,26 @@ def serve(
         except MegamoeError as exc:
             raise Unavailable(str(exc)) from None
         store = JobStore(etcd, Keys(prefix))
+        metrics = ServeMetrics(store)
+        etcd.on_error = metrics.etcd_errors.inc
+        if metrics_port:
+            try:
+                bound = metrics.serve(metrics_port, metrics_host)
+            except OSError as exc:
+                raise MegamoeError(
+                    f"--metrics-port: cannot serve metrics on {metrics_host}:{metrics_port}: "
+                    f"{exc.strerror}"
+                ) from None
+            print(f"megamoe: metrics on http://{metrics_host}:{bound}/metrics", flush=True)
         reconciler = None
         if executor_kind == "local":
             executor = LocalExecutor(state, etcd_endpoint, prefix)
             manager = JobManager(store, logs=executor.logs)
-            reconciler = Reconciler(store, executor)
+            reconciler = Reconciler(store, executor, metrics=metrics)
             reconciler.start()
         else:  # API only: jobs are stored and read; another control plane runs them
             manager = JobManager(store)
-        running = create_server(manager, host, port, token, tls)
+        running = create_server(manager, host, port, token, tls, on_call=metrics.api_call)
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
@@ -102,6 +116,7 @@ def serve(
         running.stop(GRACE_S)
         if reconciler is not None:
             reconciler.stop()
+        metrics.close()
     finally:
         if embedded is not None:
             embedded.stop()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import hmac
 import logging
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -38,10 +39,15 @@ LOG_CHUNK_CHARS = 64 * 1024  # a log comes back in chunks well below the message
 def _unary(method: Callable) -> Callable:
     @functools.wraps(method)
     def wrapper(self, request, context):
+        start = time.perf_counter()
         try:
-            return method(self, request, context)
+            result = method(self, request, context)
         except Exception as exc:  # every error becomes a status here, and only here
-            _abort(context, exc)
+            code, message = _status(exc)
+            self.observe(method.__name__, code.name, time.perf_counter() - start)
+            context.abort(code, message)
+        self.observe(method.__name__, "OK", time.perf_counter() - start)
+        return result
 
     return wrapper
 
@@ -49,26 +55,38 @@ def _unary(method: Callable) -> Callable:
 def _stream(method: Callable) -> Callable:
     @functools.wraps(method)
     def wrapper(self, request, context):
+        start = time.perf_counter()
         try:
             yield from method(self, request, context)
+        except GeneratorExit:  # the client went away
+            self.observe(method.__name__, "CANCELLED", time.perf_counter() - start)
+            raise
         except Exception as exc:
-            _abort(context, exc)
+            code, message = _status(exc)
+            self.observe(method.__name__, code.name, time.perf_counter() - start)
+            context.abort(code, message)
+        self.observe(method.__name__, "OK", time.perf_counter() - start)
 
     return wrapper
 
 
-def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
+def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:
     code, message = status_of(exc)
     if code == grpc.StatusCode.INTERNAL:
         log.exception("internal error serving a call")
-    context.abort(code, message)
+    return code, message
 
 
 class JobServicer(pb_grpc.JobServiceServicer):
     """Converts messages and delegates to the job manager."""
 
-    def __init__(self, manager) -> None:
+    def __init__(self, manager, on_call: Callable[[str, str, float], None] | None = None) -> None:
         self.manager = manager
+        self.on_call = on_call  # (method, status code name, seconds): the metrics
+
+    def observe(self, method: str, code: str, seconds: float) -> None:
+        if self.on_call is not None:
+            self.on_call(method, code, seconds)
 
     @_unary
     def CreateJob(self, request, context):
@@ -103,8 +121,9 @@ class JobServicer(pb_grpc.JobServiceServicer):
 class _BearerAuth(grpc.ServerInterceptor):
     """UNAUTHENTICATED for JobService calls without the right bearer token."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, on_call: Callable[[str, str, float], None] | None) -> None:
         self.expected = f"Bearer {token}".encode()
+        self.on_call = on_call
 
     def intercept_service(self, continuation, details):
         if not details.method.startswith(f"/{SERVICE}/"):
@@ -113,6 +132,8 @@ class _BearerAuth(grpc.ServerInterceptor):
         if hmac.compare_digest(given.encode(), self.expected):
             return continuation(details)
         reason = "missing" if not given else "wrong"
+        if self.on_call is not None:
+            self.on_call(details.method.rsplit("/", 1)[-1], "UNAUTHENTICATED", 0.0)
         return _deny(f"{reason} bearer token: send 'authorization: Bearer <token>' metadata")
 
 
@@ -142,9 +163,10 @@ def create_server(
     token: str | None = None,
     tls: tuple[bytes, bytes] | None = None,
     workers: int = 64,
+    on_call: Callable[[str, str, float], None] | None = None,
 ) -> Running:
     """Start JobService + health + reflection on host:port (0 = free); ``tls`` = (cert, key)."""
-    interceptors = [_BearerAuth(token)] if token else []
+    interceptors = [_BearerAuth(token, on_call)] if token else []
     options = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", 16 * MAX_MESSAGE_BYTES),
@@ -154,7 +176,7 @@ def create_server(
         interceptors=interceptors,
         options=options,
     )
-    pb_grpc.add_JobServiceServicer_to_server(JobServicer(manager), server)
+    pb_grpc.add_JobServiceServicer_to_server(JobServicer(manager, on_call), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)

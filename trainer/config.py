@@ -127,7 +127,8 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class ObserveConfig:
     log_interval: int = 1  # steps between progress lines
-    metrics_port: int = 0  # Prometheus exporter port; 0 = off
+    metrics_port: int = 0  # Prometheus exporter port of local rank 0 (rank i: + i); 0 = off
+    metrics_host: str = "127.0.0.1"  # address the exporters bind ("0.0.0.0" in a pod)
     peak_tflops: float = 0.0  # MFU denominator per device; 0 = table or probe
 
 

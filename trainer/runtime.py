@@ -55,6 +55,7 @@ class StepResult:
     bubble: float | None = None  # measured pipeline bubble fraction (pipelined runs)
     comm_s: float | None = None  # this rank's collective seconds in the step
     exposed_s: float | None = None  # of which the compute thread was blocked
+    expert_tokens: list[int] | None = None  # assignments per routed expert, all layers, batch
 
 
 @dataclass

@@ -80,6 +80,7 @@ def train_step(
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.train.dtype == "bf16")
     loss_sum = bal_sum = 0.0
     dropped = assignments = 0
+    expert_tokens = None
     for inputs, targets in micro_batches:
         with autocast:
             logits, stats = model(inputs)
@@ -89,6 +90,8 @@ def train_step(
         bal_sum += stats.balance_loss.item()
         dropped += stats.dropped
         assignments += stats.assignments
+        counts = stats.expert_counts_LE.sum(0)
+        expert_tokens = counts if expert_tokens is None else expert_tokens + counts
     max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
     skipped = not math.isfinite(grad_norm)
@@ -96,7 +99,9 @@ def train_step(
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     n = len(micro_batches)
-    return StepResult(loss_sum / n, bal_sum / n, grad_norm, dropped, assignments, skipped)
+    result = StepResult(loss_sum / n, bal_sum / n, grad_norm, dropped, assignments, skipped)
+    result.expert_tokens = [int(c) for c in expert_tokens.tolist()]
+    return result
 
 
 def _micro_batches(
@@ -138,10 +143,8 @@ def describe(cfg: Config, data: TokenData, device: torch.device, world: int = 1)
 
 def unbuilt_notes(cfg: Config) -> list[str]:
     """Settings that validate but have no effect in this build; said out loud, not ignored."""
-    notes = []
-    if cfg.observe.metrics_port:
-        notes.append("observe.metrics_port is set but the Prometheus exporter is not available yet")
-    return notes
+    del cfg
+    return []
 
 
 def train(
@@ -216,7 +219,8 @@ def run(cfg: Config, w: Worker, summary_path: str | None, out: TextIO) -> dict[s
         for note in unbuilt_notes(cfg):
             print(f"note: {note}", file=out, flush=True)
     progress = _resume(cfg, w, model, optimizer, sampler, out)
-    ckpt = _checkpointer(cfg, w, out)
+    metrics = _metrics(cfg, w, out)
+    ckpt = _checkpointer(cfg, w, out, metrics)
     log = RunLog(
         total_steps=cfg.train.steps,
         flops_per_token=flops_per_token(cfg.model),
@@ -238,17 +242,24 @@ def run(cfg: Config, w: Worker, summary_path: str | None, out: TextIO) -> dict[s
         seconds = time.perf_counter() - start
         if result.bubble is not None:
             bubbles.append(result.bubble)
-        log.add(StepRecord.of(step, result, lr_at(step, cfg.train), seconds, tokens_per_step))
+        record = StepRecord.of(step, result, lr_at(step, cfg.train), seconds, tokens_per_step)
+        log.add(record)
         progress.advance(step, tokens_per_step, result, sampler.state_dict())
         if w.reporter:
             w.reporter.step(_report(log, progress, w.resume_from))
+        if metrics:
+            metrics.step(record, *_rates(log), _comm_totals(w))
         if ckpt and ckpt.due(step):
             ckpt.save(step, progress, model, optimizer)
     if hasattr(optimizer, "wait_params"):
         optimizer.wait_params()  # the last step's prefetched parameter gathers
     if ckpt:
         ckpt.wait()  # the last save commits before the run reports
+    if metrics:
+        metrics.close()
+    step_times = [r.seconds for r in log.records]
     summary = log.summary(
+        rank_step_times_s=_gather_ranks(w, step_times),
         wall_s=time.perf_counter() - wall_start,
         **_comm_summary(w, len(log.records)),
         peak_memory_bytes=peak_memory_bytes(w.device),
@@ -285,11 +296,56 @@ def run(cfg: Config, w: Worker, summary_path: str | None, out: TextIO) -> dict[s
 REPORT_WINDOW = 10  # steps behind the reported tokens/s
 
 
-def _report(log: RunLog, progress: Progress, resumed_from: str | None) -> dict[str, Any]:
-    """What a rank tells the control plane after a step (loss is batch-wide on rank 0)."""
+def _rates(log: RunLog) -> tuple[float, float]:
+    """(tokens/s, MFU) over the last REPORT_WINDOW steps."""
     recent = log.records[-REPORT_WINDOW:]
     seconds = sum(r.seconds for r in recent)
     tokens_per_s = sum(r.tokens for r in recent) / seconds if seconds else 0.0
+    return tokens_per_s, log.mfu(tokens_per_s)
+
+
+def _comm_totals(w: Worker) -> dict[str, dict[str, float]] | None:
+    """This rank's cumulative collective bytes / seconds / exposed seconds per operator."""
+    if w.comms is None:
+        return None
+    stats = w.comms.world.stats
+    return {
+        "bytes": dict(stats.tags),
+        "seconds": dict(stats.tag_seconds),
+        "exposed": dict(stats.tag_exposed),
+    }
+
+
+def _metrics(cfg: Config, w: Worker, out: TextIO):
+    """This rank's Prometheus exporter, when ``observe.metrics_port`` is set."""
+    if not cfg.observe.metrics_port:
+        return None
+    import os
+
+    from trainer.observe.metrics import RankMetrics, metrics_port
+
+    local = int(os.environ.get("LOCAL_RANK", w.rank))  # --nproc ranks are all local
+    port = metrics_port(cfg.observe.metrics_port, local)
+    job_id = os.environ.get("MEGAMOE_JOB_ID", "")
+    node = int(os.environ.get("MEGAMOE_NODE", os.environ.get("GROUP_RANK", 0)))
+    generation = int(os.environ.get("MEGAMOE_GENERATION", 0))
+    try:
+        metrics = RankMetrics(port, cfg.observe.metrics_host, job_id, w.rank, node, generation)
+    except OSError as exc:
+        raise ConfigError(
+            f"observe.metrics_port: rank {w.rank} cannot serve metrics on "
+            f"{cfg.observe.metrics_host}:{port}: {exc.strerror}"
+        ) from None
+    if w.rank == 0:
+        where = f"{cfg.observe.metrics_host}:{metrics.port}"
+        print(f"metrics: rank 0 on http://{where}/metrics (rank i: port + local i)", file=out)
+    return metrics
+
+
+def _report(log: RunLog, progress: Progress, resumed_from: str | None) -> dict[str, Any]:
+    """What a rank tells the control plane after a step (loss is batch-wide on rank 0)."""
+    tokens_per_s, mfu = _rates(log)
+    recent = log.records[-REPORT_WINDOW:]
     return {
         "step": progress.step,
         "total_steps": log.total_steps,
@@ -297,10 +353,21 @@ def _report(log: RunLog, progress: Progress, resumed_from: str | None) -> dict[s
         "loss": recent[-1].loss,
         "step_s": recent[-1].seconds,
         "tokens_per_s": tokens_per_s,
-        "mfu": log.mfu(tokens_per_s),
+        "mfu": mfu,
         "resumed_step": progress.resumed_step,
         "resumed_from": resumed_from,
     }
+
+
+def _gather_ranks(w: Worker, values: list[float]) -> list[list[float]]:
+    """Every rank's ``values``, in rank order (a straggler shows in the per-rank step times)."""
+    if w.dims is None:
+        return [values]
+    import torch.distributed as dist
+
+    gathered: list = [None] * w.world
+    dist.all_gather_object(gathered, values, group=w.dims.checkpoint_group)
+    return gathered
 
 
 def _resume(cfg: Config, w: Worker, model, optimizer, sampler, out: TextIO) -> Progress:
@@ -335,14 +402,16 @@ def _resumed_from(w: Worker, progress: Progress) -> dict[str, Any] | None:
     }
 
 
-def _checkpointer(cfg: Config, w: Worker, out: TextIO):
+def _checkpointer(cfg: Config, w: Worker, out: TextIO, metrics=None):
     if not (cfg.checkpoint.dir and cfg.checkpoint.interval):
         return None
     from trainer.checkpoint.manager import Checkpointer
 
     group = w.dims.checkpoint_group if w.dims else None
     on_commit = w.reporter.checkpoint if w.reporter and w.rank == 0 else None
-    return Checkpointer(cfg, w.rank, w.world, w.device, group, _layout(cfg, w), out, on_commit)
+    on_saved = metrics.checkpoint if metrics else None
+    layout = _layout(cfg, w)
+    return Checkpointer(cfg, w.rank, w.world, w.device, group, layout, out, on_commit, on_saved)
 
 
 def _comm_summary(w: Worker, steps: int) -> dict[str, Any]:

@@ -2,16 +2,19 @@
 `megamoe job` commands, stock grpcurl through reflection, and a clean SIGTERM."""
 
 import json
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.conftest import ROOT, megamoe
 from tests.integration.conftest import pids_mentioning, running_serve
+from trainer.parallel.spawn import free_port
 
 TOKEN = "t0ken-for-tests"
 
@@ -21,7 +24,10 @@ def server(tmp_path_factory, demo_data):
     tmp = tmp_path_factory.mktemp("serve")
     (tmp / "token").write_text(TOKEN + "\n")
     state = tmp / "state"
-    with running_serve(state, "--token-file", str(tmp / "token")) as (proc, address):
+    metrics = free_port()
+    args = ("--token-file", str(tmp / "token"), "--metrics-port", str(metrics))
+    with running_serve(state, *args) as (proc, address):
+        proc.metrics_port = metrics
         yield proc, address, tmp, state, demo_data
 
 
@@ -73,6 +79,24 @@ def test_grpcurl_lists_the_service_and_creates_a_job_from_json(server):
     assert created.returncode == 0, created.stderr
     reply = json.loads(created.stdout)
     assert reply["job_id"] == "from-grpcurl" and reply["status"]["state"] == "PENDING"
+
+
+@pytest.mark.timeout(120)
+def test_the_control_plane_exports_jobs_by_state_and_api_latency(server):
+    proc, address = server[0], server[1]
+    assert job(server, "get", "no-such-job").returncode == 2  # NOT_FOUND
+    megamoe("job", "get", "no-such-job", "--server", address)  # no token: UNAUTHENTICATED
+    with urllib.request.urlopen(f"http://127.0.0.1:{proc.metrics_port}/metrics") as answer:
+        text = answer.read().decode()
+    assert re.search(
+        r'megamoe_api_request_seconds_count\{code="NOT_FOUND",method="GetJob"\} [1-9]', text
+    )
+    assert re.search(
+        r'megamoe_api_request_seconds_count\{code="UNAUTHENTICATED",method="GetJob"\}', text
+    )
+    states = dict(re.findall(r'megamoe_jobs\{state="(\w+)"\} (\S+)', text))
+    assert set(states) == {"PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"}
+    assert "megamoe_etcd_errors_total 0.0" in text
 
 
 @pytest.mark.timeout(120)

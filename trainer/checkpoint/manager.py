@@ -148,9 +148,11 @@ class Checkpointer:
         layout: dict[str, Any],
         out: TextIO,
         on_commit: Callable[[int, str], None] | None = None,
+        on_saved: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         c = cfg.checkpoint
         self.on_commit = on_commit  # (step, path) once a save is committed (rank 0)
+        self.on_saved = on_saved  # (record with blocked_s, write_s) once this rank's save ended
         self.cfg, self.rank, self.world, self.device, self.group = cfg, rank, world, device, group
         self.root, self.interval, self.keep, self.keep_every = (
             c.dir,
@@ -255,6 +257,8 @@ class Checkpointer:
         except SAVE_ERRORS as exc:  # reported; nothing committed; training goes on
             self._failed(record, exc)
         finally:
+            if self.on_saved and "write_s" in record:
+                self.on_saved(record)
             done.set()
 
     def _failed(self, record: dict[str, Any], exc: BaseException) -> None:

@@ -153,14 +153,21 @@ class Etcd:
         )
         # etcd is cluster-internal: an HTTP(S)_PROXY meant for the internet must not capture it.
         self._client.session.trust_env = False
+        self.on_error: Callable[[], None] | None = None  # called per failed request (metrics)
 
     def _post(self, path: str, payload: dict[str, Any], action: str) -> dict[str, Any]:
         try:
             return self._client.post(self._client.get_url(path), json=payload)
         except (ConnectionFailedError, ConnectionTimeoutError, InternalServerError) as exc:
+            self._failed()
             raise self._unavailable(action, _reason(exc.detail_text or str(exc))[0]) from exc
         except Etcd3Exception as exc:  # any other HTTP status
+            self._failed()
             raise self._refused(action, exc.detail_text or str(exc)) from exc
+
+    def _failed(self) -> None:
+        if self.on_error is not None:
+            self.on_error()
 
     def _unavailable(self, action: str, reason: object) -> EtcdUnavailable:
         return EtcdUnavailable(f"etcd at {self.endpoint} unreachable while {action}: {reason}")

@@ -31,6 +31,7 @@ class StepRecord:
     skipped: bool
     comm_s: float | None = None  # rank 0's collective seconds this step (multi-rank runs)
     exposed_s: float | None = None  # of which the compute thread waited
+    expert_tokens: list[int] | None = None  # assignments per routed expert, all layers
 
     @classmethod
     def of(cls, step: int, r: StepResult, lr: float, seconds: float, tokens: int) -> StepRecord:
@@ -48,6 +49,7 @@ class StepRecord:
             r.skipped,
             r.comm_s,
             r.exposed_s,
+            r.expert_tokens,
         )
 
 
@@ -108,5 +110,6 @@ class RunLog:
             "dropped_fraction": dropped / assignments if assignments else 0.0,
             "skipped_steps": sum(r.skipped for r in recs),
             "comm_exposed_s_per_step": [r.exposed_s for r in recs if r.exposed_s is not None],
+            "expert_tokens": [r.expert_tokens for r in recs if r.expert_tokens is not None],
             **extra,
         }

@@ -105,6 +105,7 @@ class LayerResult:
 
     dropped: int = 0
     retained_bytes: int = 0
+    expert_counts: torch.Tensor | None = None  # (token, slot) assignments per expert, the group's
 
 
 class _Slot:
@@ -167,6 +168,7 @@ class MacroLayer(torch.autograd.Function):
             out = out + shared_out
         saved.update(x=x, h=h, probs=probs, scores=scores, ids=ids, coef_E=coef_E)
         result.dropped = saved.pop("dropped")
+        result.expert_counts = stats.wait()[: ctx.experts]  # the group-wide selection counts
         result.retained_bytes = sum(saved[k].numel() * saved[k].element_size() for k in SAR_KEYS)
         tensors: list[torch.Tensor] = []
         fn_ctx.layer, fn_ctx.structure = ctx, _pack(saved, tensors)

@@ -56,6 +56,7 @@ class CommStats:
     kinds: dict[str, KindStats] = field(default_factory=lambda: defaultdict(KindStats))
     tags: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     tag_exposed: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    tag_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     nonfinite: int = 0  # non-finite values the FP8 codec met (sent as NaN; the step skips)
 
     def totals(self) -> tuple[float, float]:
@@ -128,6 +129,7 @@ class Pending:
         self.comm.stats.tag_exposed[self.tag] += done - blocked
         end = done if self._completed is None else min(self._completed, done)
         stats.seconds += end - self.start
+        self.comm.stats.tag_seconds[self.tag] += end - self.start
         self._done, self._result = True, self.finish() if self.finish else None
         return self._result
 

@@ -223,14 +223,19 @@ class ParallelMoE(nn.Module):
             x = self.embed(x)
         bal_total = x.new_zeros((), dtype=torch.float32)
         dropped = retained = 0
+        counts = None
         for block in self.blocks:
             x, bal, result = block(x)
             bal_total = bal_total + bal
             dropped += result.dropped
             retained += result.retained_bytes
+            if result.expert_counts is not None:
+                c = result.expert_counts.detach().double()
+                counts = c if counts is None else counts + c
         if self.last:
             x = self.head(self.final_norm(x))
-        return x, bal_total, {"dropped": dropped, "retained_bytes": retained}
+        stats = {"dropped": dropped, "retained_bytes": retained, "expert_counts": counts}
+        return x, bal_total, stats
 
     def local_loss(self, logits_BLV: torch.Tensor, targets_BL: torch.Tensor) -> torch.Tensor:
         """This rank's share of the batch-mean cross entropy (sums to it over the n ranks)."""

@@ -48,6 +48,7 @@ class PipelineResult:
     loss: float = 0.0  # this rank's share of the scaled LM loss
     balance: float = 0.0  # this rank's scaled balance loss
     dropped: int = 0
+    expert_counts: torch.Tensor | None = None  # this stage's layers, its group's tokens
     times: PipelineTimes = field(default_factory=PipelineTimes)
 
 
@@ -108,6 +109,9 @@ class StageRunner:
         res.times.compute_s += time.perf_counter() - t0
         res.balance += bal.item() * scale
         res.dropped += stats["dropped"]
+        if stats.get("expert_counts") is not None:
+            c = stats["expert_counts"]
+            res.expert_counts = c if res.expert_counts is None else res.expert_counts + c
         if loss is not None:
             res.loss += loss.item() * scale
         else:

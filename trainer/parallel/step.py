@@ -49,9 +49,18 @@ def parallel_train_step(
     makespan = torch.tensor([res.times.total_s], dtype=torch.float64)
     comms.world.all_reduce(makespan, "pp_timing", op=dist.ReduceOp.MAX)
     bubble = 1.0 - res.times.compute_s / float(makespan[0])
-    # The balance loss is identical on a stage's n ranks: count it once per stage.
-    totals = torch.tensor(
-        [res.loss, res.balance / cfg.parallel.n, float(res.dropped), bubble], dtype=torch.float64
+    # The balance loss and the expert counts are identical on a group's n ranks: count
+    # them once per group (the world sum covers every stage's layers and every replica).
+    E = cfg.model.experts
+    counts = res.expert_counts if res.expert_counts is not None else torch.zeros(E)
+    totals = torch.cat(
+        [
+            torch.tensor(
+                [res.loss, res.balance / cfg.parallel.n, float(res.dropped), bubble],
+                dtype=torch.float64,
+            ),
+            counts.double().cpu() / cfg.parallel.n,
+        ]
     )
     totals = comms.world.all_reduce(totals, "loss")
     comm_after, exposed_after = comms.world.stats.totals()
@@ -67,4 +76,5 @@ def parallel_train_step(
         bubble=float(totals[3]) / comms.world.size,
         comm_s=comm_after - comm_before,
         exposed_s=exposed_after - exposed_before,
+        expert_tokens=[round(float(c)) for c in totals[4 : 4 + E]],
     )
