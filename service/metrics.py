@@ -16,6 +16,7 @@ from collections import Counter as Tally
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     disable_created_metrics,
     start_http_server,
@@ -78,6 +79,12 @@ class ServeMetrics:
             "megamoe_rendezvous_seconds",
             "Nodes started -> first step reported (rendezvous, process groups, restore)",
             buckets=RECOVERY_BUCKETS,
+            registry=r,
+        )
+        self.straggler_score = Gauge(
+            "megamoe_straggler_score",
+            "How far a rank's compute time lies from the other ranks' (robust z-score)",
+            ["job_id", "rank", "node"],
             registry=r,
         )
         if store is not None:

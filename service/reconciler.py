@@ -31,6 +31,8 @@ from service._gen.megamoe.v1 import jobs_pb2 as pb
 from service.executor import Executor, NodeHandle, Observed
 from service.spec import validate_spec
 from service.store import JobStore, JobView
+from service.stragglers import THRESHOLD as STRAGGLER_THRESHOLD
+from service.stragglers import Windows
 from trainer.errors import EtcdUnavailable, MegamoeError
 
 log = logging.getLogger("megamoe.reconciler")
@@ -74,10 +76,12 @@ def decide(
     created_ns: int,
     failure_lines: dict[int, str] | None = None,
     last_progress_ns: int = 0,
+    stragglers: dict[int, tuple[float, int]] | None = None,
 ) -> Plan:
     """The next step of one job (see the module doc). ``observed``: the executor's view
     of each node the status says is running; ``failure_lines``: the log line that says why
-    nodes that exited."""
+    nodes that exited; ``stragglers``: ranks newly scored past the threshold, as
+    rank -> (score, node)."""
     failure_lines = failure_lines or {}
     spec = view.spec
     if view.status is None:
@@ -167,6 +171,37 @@ def decide(
         if status.restarts:
             reason += f" (after {status.restarts} restart(s), the most the spec allows)"
         return _finish(plan, pb.FAILED, reason, now_ns)
+
+    if stragglers and running and spec.straggler != pb.STRAGGLER_OFF:
+        replace = spec.straggler == pb.STRAGGLER_REPLACE
+        for rank, (score, node) in sorted(stragglers.items()):
+            action = "replacing its node" if replace else "reported"
+            plan.events.append(
+                _event(
+                    "straggler",
+                    f"rank {rank} on node {node} is a straggler: its compute time scores "
+                    f"{score:.1f} against the other ranks' (threshold {STRAGGLER_THRESHOLD:g}); "
+                    + action,
+                    status.state,
+                    node,
+                    rank=rank,
+                    score=f"{score:.3f}",
+                    step=status.step,
+                )
+            )
+        if replace:
+            rank, (score, node) = max(stragglers.items(), key=lambda kv: kv[1][0])
+            slow = [n for n in status.nodes if n.index == node]
+            for n in status.nodes:
+                if n.state == pb.NODE_RUNNING:
+                    n.state = pb.NODE_STOPPED
+                    n.message = f"stopped: rank {rank} on node {node} is a straggler"
+                    plan.stop.append(n.index)
+            reason = f"rank {rank} on node {node} is a straggler (score {score:.1f})"
+            if status.restarts < spec.restart.max_restarts:
+                _plan_restart(plan, view, slow, reason, now_ns)
+                return plan
+            return _finish(plan, pb.FAILED, reason + "; no restart left to replace it", now_ns)
 
     if not any(n.state == pb.NODE_RUNNING for n in status.nodes) and not (
         status.HasField("recovery") or all(n.state == pb.NODE_SUCCEEDED for n in status.nodes)
@@ -399,6 +434,8 @@ class Reconciler:
         self.store, self.executor = store, executor
         self.metrics = metrics  # service.metrics.ServeMetrics, or None
         self._started_ns: dict[str, int] = {}  # job -> when its world last started
+        self._windows: dict[str, Windows] = {}  # job -> its ranks' compute times
+        self._flagged: dict[str, set[int]] = {}  # job -> ranks already reported as stragglers
         self.tick_s, self.grace_s, self.clock = tick_s, grace_s, clock
         self._last_progress: dict[str, int] = {}
         self._stopped = threading.Event()
@@ -477,8 +514,15 @@ class Reconciler:
                     if not seen.running and seen.exit_code != 0:
                         failure_lines[node.index] = self.executor.failure_line(job_id, node.index)
         now = self.clock()
+        stragglers = self._stragglers(job_id, view)
         plan = decide(
-            view, observed, now, created_ns, failure_lines, self._last_progress.get(job_id, 0)
+            view,
+            observed,
+            now,
+            created_ns,
+            failure_lines,
+            self._last_progress.get(job_id, 0),
+            stragglers,
         )
         if not plan.changed(view.status):
             return
@@ -509,7 +553,36 @@ class Reconciler:
         for event in plan.events:
             if event.type != "progress":
                 log.info("job %s: %s", job_id, event.message)
+            if event.type == "straggler":
+                self._flagged.setdefault(job_id, set()).add(int(event.details["rank"]))
+            elif event.type == "restarted":  # a new world: new ranks, new samples
+                self._windows.pop(job_id, None)
+                self._flagged.pop(job_id, None)
         self._measure(job_id, view, plan, now)
+
+    def _stragglers(self, job_id: str, view: JobView) -> dict[int, tuple[float, int]]:
+        """Score the current world's ranks (exported as megamoe_straggler_score); returns the
+        ranks past the threshold not flagged before, as rank -> (score, node)."""
+        status = view.status
+        if status is None or status.state != pb.RUNNING or status.HasField("recovery"):
+            return {}
+        windows = self._windows.setdefault(job_id, Windows())
+        nodes = {}
+        for rank, report in view.ranks.items():
+            if report.get("generation", 0) != status.generation or "compute_s" not in report:
+                continue
+            windows.add(rank, int(report.get("step", 0)), float(report["compute_s"]))
+            nodes[rank] = int(report.get("node", 0))
+        flagged = self._flagged.setdefault(job_id, set())
+        fresh = {}
+        for rank, score in windows.scores().items():
+            if self.metrics is not None:
+                self.metrics.straggler_score.labels(
+                    job_id=job_id, rank=str(rank), node=str(nodes.get(rank, 0))
+                ).set(score)
+            if score >= STRAGGLER_THRESHOLD and rank not in flagged:
+                fresh[rank] = (score, nodes.get(rank, 0))
+        return fresh
 
     def _measure(self, job_id: str, view: JobView, plan: Plan, now: int) -> None:
         """Restarts, recovery and rendezvous durations from a committed plan."""

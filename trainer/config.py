@@ -133,6 +133,21 @@ class ObserveConfig:
 
 
 @dataclass(frozen=True)
+class FaultConfig:
+    """Fault injection, a testing aid (docs/OBSERVABILITY.md); every fault is off by default.
+    A fault applies to the job's world of generation ``generation`` only (-1: every one),
+    so a restarted or replaced world runs clean."""
+
+    slow_rank: int = -1  # this rank computes slow_factor x as long (-1 = none)
+    slow_factor: float = 1.0
+    hang_rank: int = -1  # this rank stops for good before step hang_step (-1 = none)
+    hang_step: int = 0
+    kill_rank: int = -1  # this rank SIGKILLs itself before step kill_step (-1 = none)
+    kill_step: int = 0
+    generation: int = 0
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -141,6 +156,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     observe: ObserveConfig = field(default_factory=ObserveConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
     @property
     def ffn_mode(self) -> str:
@@ -314,6 +330,23 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _validate_fault(cfg: Config) -> None:
+    f, world = cfg.fault, cfg.parallel.world
+    for name in ("slow_rank", "hang_rank", "kill_rank"):
+        rank = getattr(f, name)
+        _require(
+            rank == -1 or 0 <= rank < world,
+            f"fault.{name} = {rank} must be -1 (off) or a rank of the world (0..{world - 1})",
+        )
+    _require(
+        f.slow_factor >= 1 and math.isfinite(f.slow_factor),
+        f"fault.slow_factor = {f.slow_factor} must be >= 1",
+    )
+    for name in ("hang_step", "kill_step"):
+        _require(getattr(f, name) >= 0, f"fault.{name} = {getattr(f, name)} must be >= 0")
+    _require(f.generation >= -1, f"fault.generation = {f.generation} must be >= -1")
+
+
 def validate(cfg: Config) -> None:
     """Check every value and the arithmetic between them; raise ConfigError naming the keys."""
     for key, allowed in CHOICES.items():
@@ -327,6 +360,7 @@ def validate(cfg: Config) -> None:
         _require(value >= 0 and math.isfinite(value), f"{key} = {value!r} must be >= 0")
     _validate_model(cfg.model)
     _validate_layout(cfg)
+    _validate_fault(cfg)
     _validate_train(cfg)
     _validate_checkpoint(cfg.checkpoint)
     _require(

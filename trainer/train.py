@@ -26,6 +26,7 @@ from trainer.atomic import write_json_atomic
 from trainer.config import Config, TrainConfig
 from trainer.data import BatchSampler, TokenData, batch_from_starts
 from trainer.errors import ConfigError
+from trainer.faults import Faults
 from trainer.model import MoETransformer, flops_per_token, lm_loss, total_params
 from trainer.model.flops import activated_gemm_params
 from trainer.observe.mfu import peak_flops
@@ -229,6 +230,9 @@ def run(cfg: Config, w: Worker, summary_path: str | None, out: TextIO) -> dict[s
         out=out,
     )
     tokens_per_step = cfg.train.global_batch * cfg.model.seq_len
+    faults = Faults(cfg.fault, w.rank)
+    if faults.any:
+        print(f"fault injection on rank {w.rank}: {cfg.fault}", file=sys.stderr, flush=True)
     wall_start = time.perf_counter()
     bubbles: list[float] = []
     for step in range(progress.step + 1, cfg.train.steps + 1):
@@ -236,10 +240,12 @@ def run(cfg: Config, w: Worker, summary_path: str | None, out: TextIO) -> dict[s
             group["lr"] = lr_at(step, cfg.train)
         batches = _micro_batches(data, sampler, cfg, w.device, shard)
         start = time.perf_counter()
+        faults.before_step(step)
         result = step_fn(batches)
         if w.device.type == "cuda":
             torch.cuda.synchronize(w.device)
         seconds = time.perf_counter() - start
+        faults.after_step(seconds, result.exposed_s)
         if result.bubble is not None:
             bubbles.append(result.bubble)
         record = StepRecord.of(step, result, lr_at(step, cfg.train), seconds, tokens_per_step)
@@ -352,6 +358,10 @@ def _report(log: RunLog, progress: Progress, resumed_from: str | None) -> dict[s
         "tokens": progress.tokens,
         "loss": recent[-1].loss,
         "step_s": recent[-1].seconds,
+        # the straggler signal: in a synchronous world every rank's step takes as long as
+        # the slowest's, but only the straggler spends it computing instead of waiting
+        "compute_s": recent[-1].seconds - (recent[-1].exposed_s or 0.0),
+        "wait_s": recent[-1].exposed_s or 0.0,
         "tokens_per_s": tokens_per_s,
         "mfu": mfu,
         "resumed_step": progress.resumed_step,

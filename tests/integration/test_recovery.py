@@ -233,3 +233,37 @@ def test_an_etcd_restart_loses_nothing_and_the_api_says_unavailable_meanwhile(
             assert summary["resumed_from"] is None and final.restarts == 0  # it never stopped
     finally:
         etcd.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_rank_slowed_2x_is_reported_and_no_other(service, demo_data):
+    stub, _ = service
+    create(stub, "slow-report", demo_data, "fault.slow_rank=1", "fault.slow_factor=2")
+    events = finish(stub, "slow-report")
+    flagged = [e for e in events if e.type == "straggler"]
+    assert [e.details["rank"] for e in flagged] == ["1"], [e.message for e in flagged]
+    assert float(flagged[0].details["score"]) >= 5
+    assert int(flagged[0].details["step"]) <= 20  # docs/OBSERVABILITY.md: within 20 steps here
+    assert status(stub, "slow-report").state == pb.SUCCEEDED  # report only: nothing stopped
+
+
+@pytest.mark.timeout(400)
+def test_a_straggler_is_replaced_and_the_job_succeeds(service, demo_data, reference):
+    stub, _ = service
+    spec_sets = ("checkpoint.interval=5", "fault.slow_rank=0", "fault.slow_factor=2")
+    spec = pb.JobSpec(
+        config_toml=CONFIG,
+        overrides=[*SETS, f"data.path={demo_data}", *spec_sets],
+        num_nodes=2,
+        procs_per_node=1,
+        restart=pb.RestartPolicy(max_restarts=1, backoff_seconds=0.5),
+        straggler=pb.STRAGGLER_REPLACE,
+    )
+    stub.CreateJob(pb.CreateJobRequest(spec=spec, job_id="slow-replace"), timeout=30)
+    events = finish(stub, "slow-replace")
+    final, _ = assert_recovered(stub, "slow-replace", events, reference)
+    assert final.restarts == 1 and final.generation == 1
+    story = [k for k in kinds(events) if k in ("straggler", "restarting", "restarted", "resumed")]
+    assert story == ["straggler", "restarting", "restarted", "resumed"]
+    straggler = next(e for e in events if e.type == "straggler")
+    assert straggler.details["rank"] == "0" and "replacing its node" in straggler.message

@@ -84,6 +84,7 @@ class Reporter:
             self._latest = {
                 **record,
                 "rank": self.rank,
+                "node": int(os.environ.get("MEGAMOE_NODE", os.environ.get("GROUP_RANK", 0))),
                 "generation": self.generation,
                 "time": time.time(),
             }
