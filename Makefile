@@ -29,9 +29,10 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Debian tools the tests drive for real: chromium opens the HTML reports. Installed with
-# apt when missing and root (CI); otherwise named, with the command to install them.
-SYSTEM_TOOLS := chromium
+# Debian tools the tests drive for real: chromium opens the HTML reports, prometheus (and
+# its promtool) scrapes the exporters. Installed with apt when missing and root (CI);
+# otherwise named, with the command to install them.
+SYSTEM_TOOLS := chromium prometheus
 system-tools:
 	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
