@@ -77,11 +77,13 @@ def decide(
     failure_lines: dict[int, str] | None = None,
     last_progress_ns: int = 0,
     stragglers: dict[int, tuple[float, int]] | None = None,
+    hung: dict | None = None,
 ) -> Plan:
     """The next step of one job (see the module doc). ``observed``: the executor's view
     of each node the status says is running; ``failure_lines``: the log line that says why
     nodes that exited; ``stragglers``: ranks newly scored past the threshold, as
-    rank -> (score, node)."""
+    rank -> (score, node); ``hung``: set when the world made no step progress for the
+    job's hang timeout (seconds, timeout, the ranks behind and the ranks waiting)."""
     failure_lines = failure_lines or {}
     spec = view.spec
     if view.status is None:
@@ -172,6 +174,9 @@ def decide(
             reason += f" (after {status.restarts} restart(s), the most the spec allows)"
         return _finish(plan, pb.FAILED, reason, now_ns)
 
+    if hung and running:
+        return _hang(plan, view, hung, now_ns)
+
     if stragglers and running and spec.straggler != pb.STRAGGLER_OFF:
         replace = spec.straggler == pb.STRAGGLER_REPLACE
         for rank, (score, node) in sorted(stragglers.items()):
@@ -223,6 +228,44 @@ def decide(
             message = f"succeeded: final loss {status.final_loss:.4f}"
         return _finish(plan, pb.SUCCEEDED, message, now_ns)
     return plan
+
+
+def _hang(plan: Plan, view: JobView, hung: dict, now_ns: int) -> Plan:
+    """No step progress for the hang timeout: name who is behind, restart (or fail)."""
+    status = plan.status
+    behind, waiting = hung["behind"], hung["waiting"]
+    if behind:
+        who = ", ".join(
+            f"rank {r} on node {n} (last entered: {op or 'none'})" for r, n, op in behind
+        )
+        what = f"{who} did not reach collective #{hung['pending']} that rank(s) "
+        what += f"{', '.join(str(r) for r in waiting)} wait in"
+    else:
+        what = "no rank reported which collective it is in"
+    reason = f"hung: no step progress for {hung['seconds']:.0f} s (timeout {hung['timeout']:g} s)"
+    plan.events.append(
+        _event(
+            "hang",
+            f"{reason}: {what}",
+            status.state,
+            behind[0][1] if behind else -1,
+            ranks=",".join(str(r) for r, _, _ in behind),
+            nodes=",".join(str(n) for _, n, _ in behind),
+            step=status.step,
+        )
+    )
+    stuck_nodes = {n for _, n, _ in behind}
+    for node in status.nodes:
+        if node.state == pb.NODE_RUNNING:
+            node.state = pb.NODE_STOPPED
+            node.message = "stopped: the job hung"
+            plan.stop.append(node.index)
+    culprits = [n for n in status.nodes if n.index in stuck_nodes]
+    reason = f"{reason}: {what}"
+    if status.restarts < view.spec.restart.max_restarts:
+        _plan_restart(plan, view, culprits, reason, now_ns)
+        return plan
+    return _finish(plan, pb.FAILED, reason, now_ns)
 
 
 def backoff_s(policy: pb.RestartPolicy, attempt: int) -> float:
@@ -436,6 +479,8 @@ class Reconciler:
         self._started_ns: dict[str, int] = {}  # job -> when its world last started
         self._windows: dict[str, Windows] = {}  # job -> its ranks' compute times
         self._flagged: dict[str, set[int]] = {}  # job -> ranks already reported as stragglers
+        self._moved: dict[str, tuple[int, int, int]] = {}  # job -> (generation, step, when)
+        self._hang_timeout: dict[str, float] = {}  # job -> observe.hang_timeout_s
         self.tick_s, self.grace_s, self.clock = tick_s, grace_s, clock
         self._last_progress: dict[str, int] = {}
         self._stopped = threading.Event()
@@ -515,6 +560,7 @@ class Reconciler:
                         failure_lines[node.index] = self.executor.failure_line(job_id, node.index)
         now = self.clock()
         stragglers = self._stragglers(job_id, view)
+        hung = self._hung(job_id, view, now)
         plan = decide(
             view,
             observed,
@@ -523,6 +569,7 @@ class Reconciler:
             failure_lines,
             self._last_progress.get(job_id, 0),
             stragglers,
+            hung,
         )
         if not plan.changed(view.status):
             return
@@ -559,6 +606,43 @@ class Reconciler:
                 self._windows.pop(job_id, None)
                 self._flagged.pop(job_id, None)
         self._measure(job_id, view, plan, now)
+
+    def _hung(self, job_id: str, view: JobView, now: int) -> dict | None:
+        """The world's state when it made no step progress for the job's hang timeout."""
+        status = view.status
+        running = status is not None and any(n.state == pb.NODE_RUNNING for n in status.nodes)
+        if not running or status.state != pb.RUNNING or status.HasField("recovery"):
+            self._moved.pop(job_id, None)
+            return None
+        mark = (status.generation, status.step)
+        seen = self._moved.get(job_id)
+        if seen is None or seen[:2] != mark:
+            self._moved[job_id] = (*mark, now)
+            return None
+        if job_id not in self._hang_timeout:
+            self._hang_timeout[job_id] = validate_spec(view.spec).observe.hang_timeout_s
+        timeout = self._hang_timeout[job_id]
+        stalled = (now - seen[2]) / 1e9
+        if not timeout or stalled < timeout:
+            return None
+        entered = {
+            r: (int(rep.get("collectives", 0)), int(rep.get("node", 0)), rep.get("last_op", ""))
+            for r, rep in view.ranks.items()
+            if rep.get("generation", 0) == status.generation
+        }
+        top = max((c for c, _, _ in entered.values()), default=0)
+        behind = [(r, n, op) for r, (c, n, op) in entered.items() if c < top]
+        world = view.spec.num_nodes * view.spec.procs_per_node
+        per_node = view.spec.procs_per_node
+        # a rank with no report at all is behind too (its node: torchrun's rank order)
+        behind += [(r, r // per_node, "") for r in range(world) if r not in entered]
+        return {
+            "seconds": stalled,
+            "timeout": timeout,
+            "pending": top,
+            "waiting": sorted(r for r, (c, _, _) in entered.items() if c == top),
+            "behind": sorted(behind),
+        }
 
     def _stragglers(self, job_id: str, view: JobView) -> dict[int, tuple[float, int]]:
         """Score the current world's ranks (exported as megamoe_straggler_score); returns the

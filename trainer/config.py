@@ -130,6 +130,7 @@ class ObserveConfig:
     metrics_port: int = 0  # Prometheus exporter port of local rank 0 (rank i: + i); 0 = off
     metrics_host: str = "127.0.0.1"  # address the exporters bind ("0.0.0.0" in a pod)
     peak_tflops: float = 0.0  # MFU denominator per device; 0 = table or probe
+    hang_timeout_s: float = 1800.0  # a job without step progress this long is hung; 0 = off
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,7 @@ NON_NEGATIVE = (
     "model.shared_experts model.shared_ffn_hidden model.capacity_factor model.balance_coef "
     "train.micro_batch train.lr train.min_lr train.warmup_steps train.weight_decay "
     "train.grad_clip train.threads checkpoint.interval checkpoint.keep_every "
-    "observe.metrics_port observe.peak_tflops"
+    "observe.metrics_port observe.peak_tflops observe.hang_timeout_s"
 ).split()
 
 

@@ -230,6 +230,9 @@ def run(cfg: Config, w: Worker, summary_path: str | None, out: TextIO) -> dict[s
         out=out,
     )
     tokens_per_step = cfg.train.global_batch * cfg.model.seq_len
+    if w.reporter and w.comms:
+        stats = w.comms.world.stats
+        w.reporter.live = lambda: {"collectives": stats.entered, "last_op": stats.last_tag}
     faults = Faults(cfg.fault, w.rank)
     if faults.any:
         print(f"fault injection on rank {w.rank}: {cfg.fault}", file=sys.stderr, flush=True)

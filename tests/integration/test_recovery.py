@@ -267,3 +267,25 @@ def test_a_straggler_is_replaced_and_the_job_succeeds(service, demo_data, refere
     assert story == ["straggler", "restarting", "restarted", "resumed"]
     straggler = next(e for e in events if e.type == "straggler")
     assert straggler.details["rank"] == "0" and "replacing its node" in straggler.message
+
+
+@pytest.mark.timeout(400)
+def test_a_hung_rank_is_named_within_the_timeout_and_the_job_recovers(
+    service, demo_data, reference
+):
+    stub, _ = service
+    timeout = 10
+    extra = ("checkpoint.interval=5", "fault.hang_rank=1", "fault.hang_step=12")
+    create(stub, "hung", demo_data, *extra, f"observe.hang_timeout_s={timeout}")
+    wait_for_step(stub, "hung", 11)  # rank 1 stops before step 12
+    last_step_seen = time.time()
+    events = finish(stub, "hung")
+    final, _ = assert_recovered(stub, "hung", events, reference)
+    hang = next(e for e in events if e.type == "hang")
+    assert hang.details["ranks"] == "1" and hang.node == 1
+    assert "rank 1 on node 1" in hang.message and "did not reach collective" in hang.message
+    # named after the timeout and within it plus a margin of 5 s (a step report takes up
+    # to 1 s to arrive, the reconciler looks twice a second; docs/OBSERVABILITY.md)
+    named_after = hang.time.ToNanoseconds() / 1e9 - last_step_seen
+    assert timeout - 2 <= named_after <= timeout + 5, named_after
+    assert final.restarts == 1

@@ -247,3 +247,16 @@ def test_a_dead_worlds_last_report_does_not_count_as_the_restart_resuming():
     plan = decide(_restartable(status=failed.status, ranks=lingering), {}, due, T0)
     assert plan.start == [0, 1] and "resumed" not in [e.type for e in plan.events]
     assert plan.status.HasField("recovery") and plan.status.generation == 1
+
+
+def test_a_hung_world_is_named_and_restarted():
+    hung = {"seconds": 12.0, "timeout": 10.0, "pending": 41, "waiting": [0]}
+    hung["behind"] = [(1, 1, "ep_dispatch")]
+    plan = decide(_restartable(), {}, T0, T0, hung=hung)
+    event = next(e for e in plan.events if e.type == "hang")
+    assert "rank 1 on node 1 (last entered: ep_dispatch) did not reach collective #41" in (
+        event.message
+    )
+    assert event.details["ranks"] == "1" and event.node == 1
+    assert plan.stop == [0, 1] and plan.status.HasField("recovery")
+    assert plan.status.nodes[1].restarts == 1 and plan.status.nodes[0].restarts == 0

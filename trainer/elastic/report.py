@@ -24,6 +24,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from trainer.elastic.etcd import Etcd, Lease, LeaseKeeper
@@ -58,6 +59,11 @@ class Reporter:
         self._lock = threading.Lock()
         self._flushing = threading.Lock()  # one writer at a time: the thread or flush()
         self._latest: dict[str, Any] | None = None  # this rank's record, not yet written
+        self._last: dict[str, Any] = {}  # the step record written last
+        self._live_seen: dict[str, Any] = {}
+        # () -> fields read afresh every interval, even without a new step: which
+        # collective the rank entered last (a hang shows there, not in the steps)
+        self.live: Callable[[], dict[str, Any]] | None = None
         self._durable: dict[str, bytes] = {}  # key -> value, not yet written
         self._lease: Lease | None = None
         self._keeper: LeaseKeeper | None = None
@@ -120,22 +126,26 @@ class Reporter:
             self._wake.clear()
 
     def _flush(self) -> bool:
-        """Write what is pending; True when nothing is left."""
+        """Write what is pending; True when nothing is left. The rank's record is written
+        when a new step came, or when its live part (``live()``) moved without one."""
         with self._lock:
-            latest, durable = self._latest, dict(self._durable)
+            pending, durable = self._latest, dict(self._durable)
+        live = self.live() if self.live is not None else {}
+        record = pending if pending is not None else self._last
+        moved = pending is not None or (bool(record) and live != self._live_seen)
         try:
             for key, value in durable.items():
                 self.etcd.put(key, value)
                 with self._lock:
                     if self._durable.get(key) is value:
                         del self._durable[key]
-            if latest is not None:
-                self.etcd.put(
-                    self.keys.rank(self.job_id, self.rank), json.dumps(latest), self._leased()
-                )
+            if moved:
+                key = self.keys.rank(self.job_id, self.rank)
+                self.etcd.put(key, json.dumps({**record, **live}), self._leased())
                 with self._lock:
-                    if self._latest is latest:
+                    if self._latest is pending:
                         self._latest = None
+                self._last, self._live_seen = record, live
         except MegamoeError as exc:
             if not self._failing:
                 print(

@@ -58,6 +58,8 @@ class CommStats:
     tag_exposed: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     tag_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     nonfinite: int = 0  # non-finite values the FP8 codec met (sent as NaN; the step skips)
+    entered: int = 0  # collectives this rank has entered, in order (hang detection)
+    last_tag: str = ""  # the operator of the last one
 
     def totals(self) -> tuple[float, float]:
         """(wall seconds, exposed seconds) over every kind."""
@@ -217,6 +219,8 @@ class Comm:
         s.calls += 1
         s.bytes += nbytes
         self.stats.tags[tag] += nbytes
+        self.stats.entered += 1
+        self.stats.last_tag = tag
         return time.perf_counter()
 
     def _run(self, kind, start, work, async_op, finish=None, tag=""):
