@@ -51,6 +51,7 @@ from trainer.elastic.report import (
     ENV_PREFIX,
     ENV_RANKS_PER_HOST,
 )
+from trainer.elastic.server import process_alive
 from trainer.errors import MegamoeError
 
 ENV_NODE = "MEGAMOE_NODE"
@@ -277,13 +278,12 @@ class LocalExecutor:
         """Whether ``pid`` is still this node's shell (not a reused pid, not a zombie)."""
         if pid <= 0:
             return False
+        if not process_alive(pid):
+            return False
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return False
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 return str(self.exit_path(job_id, node)).encode() in f.read().split(b"\0")
-        except (OSError, IndexError):
+        except OSError:
             return False
 
     def adopt(self, job_id: str, node: int, handle: NodeHandle) -> bool:

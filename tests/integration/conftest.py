@@ -29,15 +29,21 @@ def etcd_server(tmp_path_factory):
         yield running
 
 
-@pytest.fixture(scope="session")
-def reference_4(demo_data, tmp_path_factory):
-    """The summary of `megamoe train --nproc 4` with REFERENCE_SETS (and the demo data)."""
-    path = tmp_path_factory.mktemp("reference") / "summary.json"
-    sets = [*REFERENCE_SETS, f"data.path={demo_data}"]
+def reference_run(sets: list[str], nproc: int, out_dir: Path) -> dict:
+    """The summary of `megamoe train --nproc NPROC` on configs/tiny.toml with ``sets``:
+    the uninterrupted run a job of the service must equal."""
+    path = out_dir / "summary.json"
     args = ["train", "--config", "configs/tiny.toml", *[x for s in sets for x in ("--set", s)]]
-    res = megamoe(*args, "--nproc", "4", "--summary-json", str(path), timeout=280)
+    res = megamoe(*args, "--nproc", str(nproc), "--summary-json", str(path), timeout=280)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="session")
+def reference_4(demo_data, tmp_path_factory):
+    """``reference_run`` of 4 ranks with REFERENCE_SETS (and the demo data)."""
+    sets = [*REFERENCE_SETS, f"data.path={demo_data}"]
+    return reference_run(sets, 4, tmp_path_factory.mktemp("reference"))
 
 
 def pids_mentioning(text: str) -> list[int]:

@@ -15,8 +15,8 @@ import pytest
 from service._gen.megamoe.v1 import jobs_pb2 as pb
 from service._gen.megamoe.v1 import jobs_pb2_grpc as pb_grpc
 from service.executor import job_processes as processes
-from tests.e2e.conftest import ROOT, megamoe
-from tests.integration.conftest import running_serve, start_serve
+from tests.e2e.conftest import ROOT
+from tests.integration.conftest import reference_run, running_serve, start_serve
 from tests.procs import kill_group, wait_until
 from trainer.elastic.server import start_etcd
 
@@ -29,18 +29,13 @@ SETS = ["parallel.n=2", f"train.steps={STEPS}", "train.global_batch=32"]
 @pytest.fixture(scope="module")
 def reference(demo_data, tmp_path_factory):
     """The uninterrupted run (`megamoe train --nproc 2`) every recovered job must equal."""
-    path = tmp_path_factory.mktemp("recovery-ref") / "summary.json"
     sets = [*SETS, f"data.path={demo_data}"]
-    args = ["train", "--config", "configs/tiny.toml", *[x for s in sets for x in ("--set", s)]]
-    res = megamoe(*args, "--nproc", "2", "--summary-json", str(path), timeout=280)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return json.loads(path.read_text())
+    return reference_run(sets, 2, tmp_path_factory.mktemp("recovery-ref"))
 
 
 @pytest.fixture(scope="module")
-def etcd(tmp_path_factory):
-    with start_etcd(tmp_path_factory.mktemp("etcd")) as running:
-        yield running
+def etcd(etcd_server):
+    return etcd_server
 
 
 @pytest.fixture(scope="module")

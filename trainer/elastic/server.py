@@ -81,7 +81,7 @@ class EtcdProcess:
         self.stop()
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """``pid`` exists and is not a zombie."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -99,7 +99,7 @@ def _stop_pid(pid: int, grace: float) -> None:
             return
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            if not _alive(pid):
+            if not process_alive(pid):
                 return
             time.sleep(POLL_S)
 
@@ -173,7 +173,7 @@ def _read_record(data_dir: Path) -> dict | None:
 
 def _still_running(record: dict | None, data_dir: Path) -> EtcdProcess | None:
     """The etcd an earlier parent started on ``data_dir``, if it still runs and answers."""
-    if not record or not _alive(record["pid"]):
+    if not record or not process_alive(record["pid"]):
         return None
     try:
         with open(f"/proc/{record['pid']}/cmdline", "rb") as f:
