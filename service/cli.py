@@ -192,41 +192,57 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from service.serve import serve
+    from service.serve import load_options, serve
 
-    return serve(
-        args.host,
-        args.port,
-        args.etcd,
-        args.state_dir,
-        args.token_file,
-        args.tls_cert,
-        args.tls_key,
-        args.prefix,
-        args.executor,
-        args.metrics_port,
-        args.metrics_host,
-    )
+    flags = {
+        "host": args.host,
+        "port": args.port,
+        "etcd": args.etcd,
+        "state_dir": args.state_dir,
+        "token_file": args.token_file,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "prefix": args.prefix,
+        "executor": args.executor,
+        "metrics_port": args.metrics_port,
+        "metrics_host": args.metrics_host,
+        "namespace": args.namespace,
+    }
+    return serve(load_options(args.config, flags))
 
 
 def _add_serve(sub) -> None:
+    # Defaults live in service.serve.ServeOptions: a flag left out (None) does not hide the
+    # value of --config.
     serve = sub.add_parser("serve", help="run the control plane (gRPC job API)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    serve.add_argument("--port", type=int, default=50051, help="0 = a free port")
+    serve.add_argument(
+        "--config",
+        help="JSON file of these options (camelCase keys: host, port, etcd, stateDir, "
+        "tokenFile, prefix, executor, metricsPort, metricsHost, kubernetes); flags win",
+    )
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="0 = a free port (default 50051)")
     serve.add_argument("--etcd", help="HOST:PORT of etcd (default: start a private one)")
-    serve.add_argument("--state-dir", default="runs/service", help="logs, jobs, embedded etcd")
+    serve.add_argument("--state-dir", help="logs, jobs, embedded etcd (default runs/service)")
     serve.add_argument("--token-file", help="require this bearer token on JobService calls")
     serve.add_argument("--tls-cert", help="serve TLS with this certificate (PEM)")
     serve.add_argument("--tls-key", help="... and this private key (PEM)")
-    serve.add_argument("--prefix", default="/megamoe", help="etcd key prefix")
-    serve.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0 = off)")
-    serve.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics port")
+    serve.add_argument("--prefix", help="etcd key prefix (default /megamoe)")
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        help="Prometheus /metrics and the /healthz, /readyz probes (default 0 = off)",
+    )
+    serve.add_argument("--metrics-host", help="address of the metrics port (default 127.0.0.1)")
     serve.add_argument(
         "--executor",
-        choices=["local", "none"],
-        default="local",
-        help="where job nodes run: local torchrun agents, or none (API only: another "
-        "control plane on the same etcd runs the jobs)",
+        choices=["local", "kubernetes", "none"],
+        help="where job nodes run: local torchrun agents (the default), kubernetes pods, or "
+        "none (API only: another control plane on the same etcd runs the jobs)",
+    )
+    serve.add_argument(
+        "--namespace",
+        help="kubernetes: the namespace of the job pods (default: the control plane's own)",
     )
     serve.set_defaults(func=_cmd_serve)
 

@@ -12,6 +12,8 @@ the ``Executor`` protocol that the Kubernetes executor implements too:
 - ``adopt(job_id, node, handle)``: after a control-plane restart, take over a
   node that kept running; False when it is not there any more.
 - ``logs(...)``: the node's output, tail or follow.
+- ``failure_line(job_id, node)``: the line of the node's output that says why it failed.
+- ``finish_job(job_id)``: the job ended; free what it holds besides its nodes.
 
 The local executor gives each node its own process session (so the workers
 outlive a control-plane crash), its output in ``<state>/jobs/<job>/node-<k>.log``,
@@ -85,15 +87,20 @@ class Observed:
     exit_code: int | None = None  # when it exited
     signal: int | None = None  # when a signal ended it
     lost: bool = False  # gone without a recorded exit
+    reason: str = ""  # what the executor knows beyond the code ("evicted: ...", "OOMKilled")
 
     def describe(self) -> str:
         if self.running:
             return "running"
         if self.lost:
-            return "gone without an exit code"
-        if self.signal:
-            return f"killed by {_signal_name(self.signal)}"
-        return f"exited with code {self.exit_code}"
+            text = "gone without an exit code"
+        elif self.signal:
+            text = f"killed by {_signal_name(self.signal)}"
+        elif self.exit_code is None:
+            text = "ended"
+        else:
+            text = f"exited with code {self.exit_code}"
+        return f"{text} ({self.reason})" if self.reason else text
 
 
 class Executor(Protocol):
@@ -122,6 +129,37 @@ class Executor(Protocol):
     ) -> Iterator[str]: ...
 
     def failure_line(self, job_id: str, node: int) -> str: ...
+
+    def finish_job(self, job_id: str) -> None: ...
+
+
+def agent_args(spec: pb.JobSpec, rdzv_id: str, etcd_endpoint: str, prefix: str) -> list[str]:
+    """torchrun's options for one node of the job (every executor runs the same agent)."""
+    return [
+        f"--nnodes={spec.num_nodes}",
+        f"--nproc-per-node={spec.procs_per_node}",
+        "--rdzv-backend=etcd-v3",
+        f"--rdzv-endpoint={etcd_endpoint}",
+        f"--rdzv-id={rdzv_id}",
+        # keep-alives: an etcd outage under a minute must not make nodes count each other dead
+        f"--rdzv-conf=join_timeout={JOIN_TIMEOUT_S},prefix={prefix},"
+        "keep_alive_interval=5,keep_alive_max_attempt=12",
+        "--max-restarts=0",  # restarts are the reconciler's, for the whole world
+        "--no-python",
+    ]
+
+
+def train_args(
+    config: str, sets: Sequence[str], summary: str, skip_checkpoints: Sequence[str]
+) -> list[str]:
+    """``megamoe train``'s arguments for a job's worker: always ``--resume``."""
+    args = ["train", "--config", config]
+    for item in sets:
+        args += ["--set", item]
+    args += ["--resume", "--summary-json", summary]
+    for commit in skip_checkpoints:
+        args += ["--skip-checkpoint", commit]
+    return args
 
 
 def _signal_name(number: int) -> str:
@@ -184,25 +222,11 @@ class LocalExecutor:
             sets.append(f"checkpoint.dir={job_dir / 'checkpoints'}")
         agent = [
             torchrun_binary(),
-            f"--nnodes={spec.num_nodes}",
-            f"--nproc-per-node={spec.procs_per_node}",
-            "--rdzv-backend=etcd-v3",
-            f"--rdzv-endpoint={self.etcd_endpoint}",
-            f"--rdzv-id={job_id}-g{generation}",
-            # keep-alives: an etcd outage under a minute must not make nodes count each
-            # other dead
-            f"--rdzv-conf=join_timeout={JOIN_TIMEOUT_S},prefix={self.prefix},"
-            "keep_alive_interval=5,keep_alive_max_attempt=12",
+            *agent_args(spec, f"{job_id}-g{generation}", self.etcd_endpoint, self.prefix),
             "--local-addr=127.0.0.1",
-            "--max-restarts=0",  # restarts are the reconciler's, for the whole world
-            "--no-python",
         ]
-        train = [sys.executable, "-m", "service.cli", "train", "--config", str(config)]
-        for item in sets:
-            train += ["--set", item]
-        train += ["--resume", "--summary-json", str(self.summary_path(job_id))]
-        for commit in skip_checkpoints:
-            train += ["--skip-checkpoint", commit]
+        train = [sys.executable, "-m", "service.cli"]
+        train += train_args(str(config), sets, str(self.summary_path(job_id)), skip_checkpoints)
         exit_file = str(self.exit_path(job_id, node))
         return ["/bin/sh", "-c", NODE_SHELL, "megamoe-node", exit_file, *agent, *train]
 
@@ -349,6 +373,9 @@ class LocalExecutor:
             if not still:
                 return
             time.sleep(FOLLOW_POLL_S)
+
+    def finish_job(self, job_id: str) -> None:
+        """Nothing to free: a job's files stay for its logs and summary."""
 
     def failure_line(self, job_id: str, node: int) -> str:
         path = self.log_path(job_id, node)

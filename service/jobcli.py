@@ -122,17 +122,44 @@ def submit(args) -> int:
         restart=pb.RestartPolicy(max_restarts=args.max_restarts, backoff_seconds=args.backoff),
         straggler=STRAGGLER[args.straggler],
         labels=dict(_label(item) for item in args.labels),
+        image=args.image or "",
     )
+    spec.kubernetes.CopyFrom(_kubernetes(pb, args))
     job = _call(stub.CreateJob, pb.CreateJobRequest(spec=spec, job_id=args.id or ""), md)
     _print_job(job, args.json)
     return 0
 
 
-def _label(item: str) -> tuple[str, str]:
+def _label(item: str, flag: str = "--label") -> tuple[str, str]:
     key, sep, value = item.partition("=")
     if not sep or not key:
-        raise MegamoeError(f"--label {item!r} must look like key=value")
+        raise MegamoeError(f"{flag} {item!r} must look like key=value")
     return key, value
+
+
+def _kubernetes(pb, args):
+    """The pod settings of the submit flags (the server checks their syntax)."""
+    settings = pb.KubernetesSettings(
+        cpu=args.cpu or "",
+        memory=args.memory or "",
+        node_selector=dict(_label(item, "--node-selector") for item in args.node_selector),
+        priority_class=args.priority_class or "",
+        volume_claim=args.volume_claim or "",
+    )
+    if args.gpus is not None:
+        settings.gpus = args.gpus
+    for item in args.tolerations:
+        settings.tolerations.append(_toleration(pb, item))
+    return settings
+
+
+def _toleration(pb, item: str):
+    """KEY[=VALUE][:EFFECT] (KEY alone or KEY:EFFECT: operator Exists)."""
+    body, _, effect = item.partition(":")
+    key, sep, value = body.partition("=")
+    if not key:
+        raise MegamoeError(f"--toleration {item!r} must look like KEY[=VALUE][:EFFECT]")
+    return pb.Toleration(key=key, operator="Equal" if sep else "Exists", value=value, effect=effect)
 
 
 def get(args) -> int:
@@ -244,6 +271,26 @@ def add_parser(sub) -> None:
     p.add_argument("--backoff", type=float, default=0.0, help="seconds before the first restart")
     p.add_argument("--straggler", choices=sorted(STRAGGLER), default="report")
     p.add_argument("--label", dest="labels", action="append", default=[], metavar="K=V")
+    pods = p.add_argument_group("pods (Kubernetes executor; default: the server's)")
+    pods.add_argument("--image", help="container image of the job's pods")
+    pods.add_argument("--cpu", help="CPU of each pod (request = limit), e.g. 16 or 7500m")
+    pods.add_argument("--memory", help="memory of each pod (request = limit), e.g. 200Gi")
+    pods.add_argument(
+        "--gpus", type=int, help="GPUs of each pod (default: --procs-per-node; 0 = none)"
+    )
+    pods.add_argument(
+        "--node-selector", action="append", default=[], metavar="K=V", help="repeatable"
+    )
+    pods.add_argument(
+        "--toleration",
+        dest="tolerations",
+        action="append",
+        default=[],
+        metavar="KEY[=VALUE][:EFFECT]",
+        help="repeatable; KEY alone tolerates every value",
+    )
+    pods.add_argument("--priority-class", help="PriorityClass of the pods")
+    pods.add_argument("--volume-claim", help="PVC for checkpoints and data")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=submit)
     p = common(actions.add_parser("get", help="one job's status"))

@@ -1,5 +1,10 @@
 """Prometheus metrics of the control plane: ``megamoe serve --metrics-port P``.
 
+The same port answers the probes of an orchestrator: ``/healthz`` (200 while the
+process serves HTTP at all) and ``/readyz`` (200 only when the gRPC server serves
+and etcd answers; 503 with the reason otherwise). Everything else is the
+Prometheus exposition.
+
 Jobs by state are read from etcd's index when Prometheus scrapes (so a server
 started with ``--executor none`` reports them too, and the number is never
 stale); the rest is counted as it happens: API calls by method and status code
@@ -11,7 +16,11 @@ docs/OBSERVABILITY.md.
 
 from __future__ import annotations
 
+import threading
 from collections import Counter as Tally
+from collections.abc import Callable
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -19,7 +28,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     disable_created_metrics,
-    start_http_server,
+    make_wsgi_app,
 )
 from prometheus_client.core import GaugeMetricFamily
 
@@ -91,8 +100,24 @@ class ServeMetrics:
             r.register(_JobsByState(store, self.etcd_errors.inc))
         self.server = None
 
-    def serve(self, port: int, host: str) -> int:
-        self.server, _ = start_http_server(port, host, registry=self.registry)
+    def serve(self, port: int, host: str, ready: Callable[[], str] | None = None) -> int:
+        """Serve /metrics, /healthz and /readyz on host:port (0 = free); returns the port.
+        ``ready()`` returns "" when ready, else the reason it is not."""
+        metrics = make_wsgi_app(self.registry)
+
+        def app(environ, start_response):
+            path = environ.get("PATH_INFO", "")
+            if path == "/healthz":
+                return _plain(start_response, "200 OK", "ok\n")
+            if path == "/readyz":
+                reason = ready() if ready is not None else ""
+                if reason:
+                    return _plain(start_response, "503 Service Unavailable", reason + "\n")
+                return _plain(start_response, "200 OK", "ready\n")
+            return metrics(environ, start_response)
+
+        self.server = make_server(host, port, app, _ThreadingServer, _QuietHandler)
+        threading.Thread(target=self.server.serve_forever, daemon=True, name="metrics").start()
         return self.server.server_port
 
     def api_call(self, method: str, code: str, seconds: float) -> None:
@@ -102,3 +127,18 @@ class ServeMetrics:
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
+
+
+def _plain(start_response, status: str, text: str) -> list[bytes]:
+    body = text.encode()
+    start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # probes and scrapes every few seconds
+        pass

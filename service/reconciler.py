@@ -597,6 +597,11 @@ class Reconciler:
             for k, handle in handles.items():  # what we started is not on record
                 self.executor.stop_node(job_id, k, handle, self.grace_s)
             return
+        if plan.status.state in TERMINAL:
+            try:
+                self.executor.finish_job(job_id)
+            except (MegamoeError, OSError) as exc:  # the job's result is committed already
+                log.warning("job %s: freeing its resources failed: %s", job_id, exc)
         for event in plan.events:
             if event.type != "progress":
                 log.info("job %s: %s", job_id, event.message)

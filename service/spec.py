@@ -33,6 +33,17 @@ MAX_LABELS = 64
 JOB_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 LABEL_KEY = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?$")
 IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")
+# Kubernetes syntax of the pod settings: a resource quantity, a DNS subdomain (object
+# names), a label name (optionally prefixed) and a label value.
+QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+LABEL_NAME = re.compile(
+    r"^([a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+TOLERATION_OPERATORS = ("", "Equal", "Exists")
+TOLERATION_EFFECTS = ("", "NoSchedule", "PreferNoSchedule", "NoExecute")
+MAX_TOLERATIONS = 32
 STRAGGLER_VALUES = (0, 1, 2, 3)  # unspecified (= report), off, report, replace
 JOB_CHECKPOINT_DIR = "<job directory>/checkpoints"  # stands for the executor's choice
 
@@ -71,6 +82,7 @@ def validate_spec(spec) -> Config:
     _check_overrides(list(spec.overrides))
     _check_counts(spec.num_nodes, spec.procs_per_node)
     _check_policies(spec)
+    _check_kubernetes(spec)
     # The executor gives a job without checkpoint.dir one under its job directory.
     defaults = [] if sets_checkpoint_dir(spec) else [f"checkpoint.dir={JOB_CHECKPOINT_DIR}"]
     try:
@@ -152,3 +164,71 @@ def _check_policies(spec) -> None:
             raise InvalidArgument(
                 f"spec.labels[{key!r}]", f"value of {len(value)} characters; at most 256"
             )
+
+
+def _check_kubernetes(spec) -> None:
+    """The pod settings, in Kubernetes' own syntax, so a bad one is refused at submit time
+    rather than by the API server when the executor creates the pods."""
+    k = spec.kubernetes
+    for name in ("cpu", "memory"):
+        value = getattr(k, name)
+        if value and not QUANTITY.match(value):
+            raise InvalidArgument(
+                f"spec.kubernetes.{name}",
+                f"{value!r} is not a Kubernetes quantity (e.g. '16', '7500m', '200Gi')",
+            )
+    if k.HasField("gpus"):
+        if not 0 <= k.gpus <= MAX_PROCS_PER_NODE:
+            raise InvalidArgument(
+                "spec.kubernetes.gpus", f"{k.gpus} must be between 0 and {MAX_PROCS_PER_NODE}"
+            )
+        if 0 < k.gpus < spec.procs_per_node:
+            raise InvalidArgument(
+                "spec.kubernetes.gpus",
+                f"{k.gpus} GPUs for {spec.procs_per_node} processes per node: each process "
+                "needs a GPU of its own (0 = CPU-only pods)",
+            )
+    for name in ("priority_class", "volume_claim"):
+        value = getattr(k, name)
+        if value and not DNS_SUBDOMAIN.match(value):
+            raise InvalidArgument(
+                f"spec.kubernetes.{name}",
+                f"{value!r} is not a Kubernetes object name (lower-case a-z, 0-9, '-', '.')",
+            )
+    if len(k.node_selector) > MAX_LABELS:
+        raise InvalidArgument(
+            "spec.kubernetes.node_selector", f"{len(k.node_selector)} entries; at most {MAX_LABELS}"
+        )
+    for key, value in k.node_selector.items():
+        if not LABEL_NAME.match(key) or not LABEL_VALUE.match(value):
+            raise InvalidArgument(
+                f"spec.kubernetes.node_selector[{key!r}]",
+                f"{key}={value} is not a Kubernetes label (names and values: up to 63 of "
+                "A-Z a-z 0-9 - _ . with alphanumeric ends, names optionally prefixed 'domain/')",
+            )
+    if len(k.tolerations) > MAX_TOLERATIONS:
+        raise InvalidArgument(
+            "spec.kubernetes.tolerations",
+            f"{len(k.tolerations)} tolerations; at most {MAX_TOLERATIONS}",
+        )
+    for i, t in enumerate(k.tolerations):
+        _check_toleration(f"spec.kubernetes.tolerations[{i}]", t)
+
+
+def _check_toleration(field: str, t) -> None:
+    if t.operator not in TOLERATION_OPERATORS:
+        raise InvalidArgument(f"{field}.operator", f"{t.operator!r} is not Equal or Exists")
+    if t.effect not in TOLERATION_EFFECTS:
+        raise InvalidArgument(
+            f"{field}.effect", f"{t.effect!r} is not NoSchedule, PreferNoSchedule or NoExecute"
+        )
+    if t.key and not LABEL_NAME.match(t.key):
+        raise InvalidArgument(f"{field}.key", f"{t.key!r} is not a Kubernetes label name")
+    if not t.key and t.operator != "Exists":
+        raise InvalidArgument(f"{field}.key", "an empty key tolerates everything: operator Exists")
+    if t.operator == "Exists" and t.value:
+        raise InvalidArgument(f"{field}.value", "operator Exists takes no value")
+    if t.value and not LABEL_VALUE.match(t.value):
+        raise InvalidArgument(f"{field}.value", f"{t.value!r} is not a Kubernetes label value")
+    if t.HasField("toleration_seconds") and t.effect != "NoExecute":
+        raise InvalidArgument(f"{field}.toleration_seconds", "only a NoExecute toleration has one")

@@ -59,12 +59,12 @@ def pids_mentioning(text: str) -> list[int]:
     return pids
 
 
-def start_serve(state: Path, *args: str):
+def start_serve(state: Path, *args: str, env: dict[str, str] | None = None):
     """`megamoe serve --port 0 --state-dir STATE ARGS` in a session of its own: (process,
     "127.0.0.1:PORT") once it prints its `serving on` line. The caller stops it. Its output
     keeps being read into ``process.lines`` (by ``process.drain``, a thread)."""
     command = [sys.executable, "-m", "service.cli", "serve", "--port", "0"]
-    proc = start([*command, "--state-dir", str(state), *args])
+    proc = start([*command, "--state-dir", str(state), *args], **(env or {}))
     deadline, lines = time.monotonic() + 60, []
     for line in proc.stdout:
         lines.append(line)
@@ -82,13 +82,13 @@ def start_serve(state: Path, *args: str):
 
 
 @contextlib.contextmanager
-def running_serve(state: Path, *args: str):
+def running_serve(state: Path, *args: str, env: dict[str, str] | None = None):
     """``start_serve``; afterwards the server's group is killed, and everything that still
     names the state directory (the embedded etcd, job nodes and workers, which live in
     sessions of their own) too."""
     proc = None
     try:
-        proc, address = start_serve(state, *args)
+        proc, address = start_serve(state, *args, env=env)
         yield proc, address
     finally:
         if proc is not None:

@@ -62,7 +62,7 @@ class RestartPolicy(_message.Message):
     def __init__(self, max_restarts: _Optional[int] = ..., backoff_seconds: _Optional[float] = ..., max_backoff_seconds: _Optional[float] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("config_toml", "overrides", "num_nodes", "procs_per_node", "image", "restart", "straggler", "labels")
+    __slots__ = ("config_toml", "overrides", "num_nodes", "procs_per_node", "image", "restart", "straggler", "labels", "kubernetes")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class JobSpec(_message.Message):
     RESTART_FIELD_NUMBER: _ClassVar[int]
     STRAGGLER_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    KUBERNETES_FIELD_NUMBER: _ClassVar[int]
     config_toml: str
     overrides: _containers.RepeatedScalarFieldContainer[str]
     num_nodes: int
@@ -86,7 +87,47 @@ class JobSpec(_message.Message):
     restart: RestartPolicy
     straggler: StragglerPolicy
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, config_toml: _Optional[str] = ..., overrides: _Optional[_Iterable[str]] = ..., num_nodes: _Optional[int] = ..., procs_per_node: _Optional[int] = ..., image: _Optional[str] = ..., restart: _Optional[_Union[RestartPolicy, _Mapping]] = ..., straggler: _Optional[_Union[StragglerPolicy, str]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    kubernetes: KubernetesSettings
+    def __init__(self, config_toml: _Optional[str] = ..., overrides: _Optional[_Iterable[str]] = ..., num_nodes: _Optional[int] = ..., procs_per_node: _Optional[int] = ..., image: _Optional[str] = ..., restart: _Optional[_Union[RestartPolicy, _Mapping]] = ..., straggler: _Optional[_Union[StragglerPolicy, str]] = ..., labels: _Optional[_Mapping[str, str]] = ..., kubernetes: _Optional[_Union[KubernetesSettings, _Mapping]] = ...) -> None: ...
+
+class KubernetesSettings(_message.Message):
+    __slots__ = ("cpu", "memory", "gpus", "node_selector", "tolerations", "priority_class", "volume_claim")
+    class NodeSelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    CPU_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    NODE_SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    TOLERATIONS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_CLASS_FIELD_NUMBER: _ClassVar[int]
+    VOLUME_CLAIM_FIELD_NUMBER: _ClassVar[int]
+    cpu: str
+    memory: str
+    gpus: int
+    node_selector: _containers.ScalarMap[str, str]
+    tolerations: _containers.RepeatedCompositeFieldContainer[Toleration]
+    priority_class: str
+    volume_claim: str
+    def __init__(self, cpu: _Optional[str] = ..., memory: _Optional[str] = ..., gpus: _Optional[int] = ..., node_selector: _Optional[_Mapping[str, str]] = ..., tolerations: _Optional[_Iterable[_Union[Toleration, _Mapping]]] = ..., priority_class: _Optional[str] = ..., volume_claim: _Optional[str] = ...) -> None: ...
+
+class Toleration(_message.Message):
+    __slots__ = ("key", "operator", "value", "effect", "toleration_seconds")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    OPERATOR_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    EFFECT_FIELD_NUMBER: _ClassVar[int]
+    TOLERATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    operator: str
+    value: str
+    effect: str
+    toleration_seconds: int
+    def __init__(self, key: _Optional[str] = ..., operator: _Optional[str] = ..., value: _Optional[str] = ..., effect: _Optional[str] = ..., toleration_seconds: _Optional[int] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
     __slots__ = ("index", "state", "restarts", "exit_code", "signal", "pid", "pod", "message")
