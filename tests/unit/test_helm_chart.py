@@ -678,3 +678,11 @@ def test_the_pod_monitor_selects_the_worker_pods_the_executor_renders(ci):
     ]
     assert claims == ["shared-checkpoints"]
     assert container["workingDir"] == "/mnt/shared"
+
+
+def test_a_release_whose_names_would_clash_with_job_objects_is_refused():
+    """Job objects are named megamoe-job-<id>; a release named like that could share a
+    name with them (a job's ConfigMap deleted would take the chart's along)."""
+    res = helm("template", "megamoe-job-runner", CHART, "--namespace", "megamoe")
+    assert res.returncode != 0
+    assert "names starting with megamoe-job- belong to the jobs" in res.stderr

@@ -84,6 +84,76 @@ BAD = {
     "bad image": (dict(image="not an image!"), "spec.image", "container image"),
     "bad label key": (dict(labels={"-bad": "x"}), "spec.labels['-bad']", "keys are"),
     "long label value": (dict(labels={"team": "v" * 300}), "spec.labels['team']", "at most 256"),
+    "cpu not a quantity": (
+        dict(kubernetes=pb.KubernetesSettings(cpu="lots")),
+        "spec.kubernetes.cpu",
+        "not a Kubernetes quantity",
+    ),
+    "memory with a wrong unit": (
+        dict(kubernetes=pb.KubernetesSettings(memory="200GB")),
+        "spec.kubernetes.memory",
+        "'200GB' is not a Kubernetes quantity",
+    ),
+    "fewer gpus than processes": (
+        dict(procs_per_node=2, num_nodes=1, kubernetes=pb.KubernetesSettings(gpus=1)),
+        "spec.kubernetes.gpus",
+        "each process needs a GPU",
+    ),
+    "negative gpus": (
+        dict(kubernetes=pb.KubernetesSettings(gpus=-1)),
+        "spec.kubernetes.gpus",
+        "between 0 and",
+    ),
+    "bad priority class": (
+        dict(kubernetes=pb.KubernetesSettings(priority_class="High_Priority")),
+        "spec.kubernetes.priority_class",
+        "not a Kubernetes object name",
+    ),
+    "bad volume claim": (
+        dict(kubernetes=pb.KubernetesSettings(volume_claim="-ckpt")),
+        "spec.kubernetes.volume_claim",
+        "not a Kubernetes object name",
+    ),
+    "bad node selector": (
+        dict(kubernetes=pb.KubernetesSettings(node_selector={"pool": "h100 nodes"})),
+        "spec.kubernetes.node_selector['pool']",
+        "not a Kubernetes label",
+    ),
+    "toleration operator": (
+        dict(kubernetes=pb.KubernetesSettings(tolerations=[pb.Toleration(key="a", operator="In")])),
+        "spec.kubernetes.tolerations[0].operator",
+        "not Equal or Exists",
+    ),
+    "toleration effect": (
+        dict(
+            kubernetes=pb.KubernetesSettings(tolerations=[pb.Toleration(key="a", effect="Never")])
+        ),
+        "spec.kubernetes.tolerations[0].effect",
+        "NoSchedule",
+    ),
+    "exists with a value": (
+        dict(
+            kubernetes=pb.KubernetesSettings(
+                tolerations=[pb.Toleration(key="a", operator="Exists", value="b")]
+            )
+        ),
+        "spec.kubernetes.tolerations[0].value",
+        "takes no value",
+    ),
+    "empty key without exists": (
+        dict(kubernetes=pb.KubernetesSettings(tolerations=[pb.Toleration(value="b")])),
+        "spec.kubernetes.tolerations[0].key",
+        "operator Exists",
+    ),
+    "seconds without NoExecute": (
+        dict(
+            kubernetes=pb.KubernetesSettings(
+                tolerations=[pb.Toleration(key="a", effect="NoSchedule", toleration_seconds=5)]
+            )
+        ),
+        "spec.kubernetes.tolerations[0].toleration_seconds",
+        "NoExecute",
+    ),
 }
 
 
@@ -121,3 +191,20 @@ def test_checkpointing_without_a_dir_is_completed_by_the_job_directory():
     assert sets_checkpoint_dir(in_toml)
     emptied = spec(overrides=["parallel.n=2", "checkpoint.dir=/a", "checkpoint.dir="])
     assert not sets_checkpoint_dir(emptied)  # the last override wins
+
+
+def test_pod_settings_in_kubernetes_syntax_are_accepted():
+    settings = pb.KubernetesSettings(
+        cpu="7500m",
+        memory="200Gi",
+        gpus=0,
+        node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3", "pool": "train"},
+        tolerations=[
+            pb.Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule"),
+            pb.Toleration(key="spot", value="true", effect="NoExecute", toleration_seconds=30),
+            pb.Toleration(operator="Exists"),
+        ],
+        priority_class="training-high",
+        volume_claim="shared.checkpoints",
+    )
+    assert validate_spec(spec(kubernetes=settings)).parallel.world == 2
