@@ -3,13 +3,17 @@
 #   docker build -t megamoe:0.1.0 .
 #   docker run --rm megamoe:0.1.0 --help
 #
-# The base is Debian's Python 3.11 (megamoe supports exactly 3.11); torch 2.13.0 from PyPI
-# is the CUDA build on x86_64 Linux (it brings the CUDA runtime libraries as wheels), so
-# the image runs on GPU nodes whose NVIDIA driver the device plugin exposes, and on CPU.
+# The CUDA PyTorch layer: torch 2.13.0 from PyPI is the CUDA build on x86_64 Linux and
+# brings the CUDA runtime, cuDNN and NCCL as wheels, so the base needs only Python 3.11
+# (megamoe supports exactly 3.11; CUDA base images ship other Pythons). The host's NVIDIA
+# driver comes in through the container toolkit (on Kubernetes: the device plugin); the
+# same image runs on CPU.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE}
 
-ENV PIP_NO_CACHE_DIR=1 \
+ENV NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1

@@ -167,6 +167,10 @@ def test_job_processes_finds_a_process_by_its_marker():
     """The helper the cancel test relies on sees a marked process and only that."""
     marked = subprocess.Popen(["sleep", "30"], env={**os.environ, "MEGAMOE_JOB_ID": "marker-t"})
     try:
+        # until it has exec'd, the child's /proc environ is still the parent's
+        deadline = time.monotonic() + 10
+        while processes("marker-t") != [marked.pid] and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert processes("marker-t") == [marked.pid]
     finally:
         marked.kill()
