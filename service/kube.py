@@ -105,6 +105,13 @@ def observe_pod(pod: dict | None) -> Observed:
     waiting = state.get("waiting") or {}
     if waiting.get("reason") in FATAL_WAITING:
         return Observed(running=False, reason=_join(waiting.get("reason"), waiting.get("message")))
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+            # still a running node (the scheduler may place it yet), but one that says why
+            # it does not train: "Unschedulable: 0/8 nodes are available: ..."
+            return Observed(
+                running=True, reason=_join(condition.get("reason"), condition.get("message"))
+            )
     return Observed(running=True)
 
 

@@ -135,6 +135,8 @@ def decide(
     failed = []
     for node in running:
         seen = observed.get(node.index)
+        if seen is not None and seen.running:
+            _note_waiting(status, node, seen.reason)
         if seen is None or seen.running:
             continue
         node.exit_code = seen.exit_code or 0
@@ -445,6 +447,25 @@ def _finish(plan: Plan, state: int, message: str, now_ns: int) -> Plan:
     plan.status.end_time.FromNanoseconds(now_ns)
     plan.events.append(_event("state", message, state))
     return plan
+
+
+WAITING = "waiting: "
+
+
+def _note_waiting(status: pb.JobStatus, node: pb.NodeStatus, reason: str) -> None:
+    """A node that runs but waits for something outside the job (a pod the scheduler cannot
+    place) says so in its message, and in the job's while no step has been reported."""
+    if reason:
+        node.message = f"{WAITING}{reason}"
+    elif node.message.startswith(WAITING):
+        node.message = ""
+    if status.step:
+        return
+    waiting = [n for n in status.nodes if n.message.startswith(WAITING)]
+    if waiting:
+        status.message = f"node {waiting[0].index} {waiting[0].message}"
+    elif WAITING in status.message:
+        status.message = ""
 
 
 def record_started(plan: Plan, handles: dict[int, NodeHandle]) -> None:

@@ -185,6 +185,23 @@ class FakeKube:
             },
         )
 
+    def unschedulable(self, name: str, message: str) -> None:
+        """What the scheduler reports for a pod no node can take."""
+        self._update_pod(
+            name,
+            {
+                "phase": "Pending",
+                "conditions": [
+                    {
+                        "type": "PodScheduled",
+                        "status": "False",
+                        "reason": "Unschedulable",
+                        "message": message,
+                    }
+                ],
+            },
+        )
+
     def wait_image(self, name: str, reason: str, message: str) -> None:
         state = {"waiting": {"reason": reason, "message": message}}
         self._update_pod(

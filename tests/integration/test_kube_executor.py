@@ -187,6 +187,20 @@ def test_an_image_that_cannot_be_pulled_fails_the_job_naming_the_image_error(etc
         assert 'ImagePullBackOff: Back-off pulling image "registry/typo"' in message
 
 
+def test_a_pod_that_cannot_be_scheduled_shows_in_the_jobs_message(etcd_server, fake):
+    with control_plane(etcd_server, fake, "/k-sched") as (manager, _):
+        job = manager.create(_spec(nodes=1, procs=4), "big").job_id
+        (name,) = _wait("a pod", lambda: _pods(fake, job))
+        why = "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
+        fake.unschedulable(name, why)
+        _wait("the reason", lambda: why in manager.get(job).status.message)
+        status = manager.get(job).status
+        assert status.state == pb.RUNNING and status.restarts == 0
+        assert status.message == f"node 0 waiting: Unschedulable: {why}"
+        fake.run(name)
+        _wait("the reason gone", lambda: manager.get(job).status.message == "")
+
+
 def test_cancel_during_pod_creation_leaves_no_pod_and_cancel_again_is_harmless(etcd_server, fake):
     fake.create_delay_s = 0.4  # a slow API server: the job is cancelled mid-creation
     with control_plane(etcd_server, fake, "/k-cancel") as (manager, _):

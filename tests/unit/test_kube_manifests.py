@@ -231,3 +231,18 @@ OBSERVED = {
 def test_what_a_pod_says_about_its_node(case):
     pod, described = OBSERVED[case]
     assert observe_pod(pod).describe() == described
+
+
+def test_a_pod_the_scheduler_cannot_place_is_a_running_node_that_says_why():
+    pod = _pod("Pending")
+    pod["status"]["conditions"] = [
+        {
+            "type": "PodScheduled",
+            "status": "False",
+            "reason": "Unschedulable",
+            "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu.",
+        }
+    ]
+    seen = observe_pod(pod)
+    assert seen.running
+    assert seen.reason == "Unschedulable: 0/4 nodes are available: 4 Insufficient nvidia.com/gpu."

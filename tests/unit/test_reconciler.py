@@ -260,3 +260,14 @@ def test_a_hung_world_is_named_and_restarted():
     assert event.details["ranks"] == "1" and event.node == 1
     assert plan.stop == [0, 1] and plan.status.HasField("recovery")
     assert plan.status.nodes[1].restarts == 1 and plan.status.nodes[0].restarts == 0
+
+
+def test_a_node_waiting_to_be_scheduled_says_why_until_it_runs():
+    reason = "Unschedulable: 0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
+    observed = {0: Observed(running=True), 1: Observed(running=True, reason=reason)}
+    plan = decide(_view(2, _running()), observed, T0 + SEC, T0)
+    assert plan.stop == [] and plan.status.state == pb.RUNNING
+    assert plan.status.nodes[1].message == f"waiting: {reason}"
+    assert plan.status.message == f"node 1 waiting: {reason}"
+    placed = decide(_view(2, plan.status), {0: Observed(True), 1: Observed(True)}, T0 + 2 * SEC, T0)
+    assert placed.status.nodes[1].message == "" and placed.status.message == ""
