@@ -218,7 +218,8 @@ def _add_serve(sub) -> None:
     serve.add_argument(
         "--config",
         help="JSON file of these options (camelCase keys: host, port, etcd, stateDir, "
-        "tokenFile, prefix, executor, metricsPort, metricsHost, kubernetes); flags win",
+        "tokenFile, tlsCert, tlsKey, prefix, executor, metricsPort, metricsHost, kubernetes; "
+        "see docs/SERVICE.md); flags win",
     )
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="0 = a free port (default 50051)")

@@ -21,8 +21,8 @@ lost.
 The API calls it makes, and so the chart's Role (a test compares them): pods
 create/get/list/watch/delete, pods/log get, services create/delete, configmaps
 create/get. Every call has a timeout; every API error becomes a ``KubeError``
-saying what was being done (``creating pod megamoe-x-g0-n1 in namespace ml: 403
-Forbidden: ...``).
+saying what was being done (``creating pod megamoe-job-x-g0-n1 in namespace ml:
+403 Forbidden: ...``).
 """
 
 from __future__ import annotations
@@ -60,6 +60,10 @@ from trainer.errors import MegamoeError
 log = logging.getLogger(__name__)
 
 API_TIMEOUT = (5.0, 30.0)  # (connect, read) seconds of every API call
+RETRIES = 3  # of a call the API server answered 429/5xx or did not answer at all
+RETRY_PAUSE_S = 0.5  # before the first retry, doubled after each
+TRANSIENT = {429, 500, 502, 503, 504}
+ENDED = ("Succeeded", "Failed")  # pod phases of a container that will not run again
 WATCH_S = 240  # the server ends each watch after this; the executor watches again
 RELIST_BACKOFF_S = 2.0
 LOG_READ_TIMEOUT_S = 60.0  # a silent followed log is asked again after this
@@ -129,6 +133,10 @@ def _join(reason: str | None, message: str | None) -> str:
     return reason or message
 
 
+def _header(pod: dict) -> str:
+    return f"=== megamoe: pod {pod['metadata']['name']} (generation {_generation(pod)}) ===\n"
+
+
 def _generation(pod: dict) -> int:
     return int(pod["metadata"].get("labels", {}).get(LABEL_GENERATION, -1))
 
@@ -189,25 +197,35 @@ class KubernetesExecutor:
 
     def _call(self, what: str, fn: Callable, *args, ok: tuple[int, ...] = (), **kwargs) -> dict:
         """One API call returning its JSON body; ``ok``: error statuses that are answers
-        (404 of a delete, 409 of a create), returned as {"status": code}."""
+        (404 of a delete, 409 of a create), returned as {"status": code}. A busy or briefly
+        unreachable API server (429, 5xx, no connection) is asked again, RETRIES times with
+        a doubling pause: every call the executor makes can be repeated (a create that did
+        happen answers 409, a delete that did 404)."""
         from kubernetes.client.exceptions import ApiException
         from urllib3.exceptions import HTTPError
 
         kwargs.setdefault("_request_timeout", API_TIMEOUT)
-        try:
-            resp = fn(*args, _preload_content=False, **kwargs)
-            return json.loads(resp.data or b"{}")
-        except ApiException as exc:
-            if exc.status in ok:
-                return {"status": exc.status}
-            raise KubeError(
-                f"{what}: {exc.status} {exc.reason}: {_message(exc)}", exc.status
-            ) from None
-        except HTTPError as exc:
-            raise KubeError(
-                f"{what}: the Kubernetes API at {self.api.configuration.host} does not answer: "
-                f"{exc}"
-            ) from None
+        for attempt in range(RETRIES + 1):
+            pause = RETRY_PAUSE_S * 2**attempt
+            try:
+                resp = fn(*args, _preload_content=False, **kwargs)
+                return json.loads(resp.data or b"{}")
+            except ApiException as exc:
+                if exc.status in ok:
+                    return {"status": exc.status}
+                error = KubeError(f"{what}: {exc.status} {exc.reason}: {_message(exc)}", exc.status)
+                if exc.status not in TRANSIENT or attempt == RETRIES:
+                    raise error from None
+            except HTTPError as exc:
+                error = KubeError(
+                    f"{what}: the Kubernetes API at {self.api.configuration.host} does not "
+                    f"answer: {exc}"
+                )
+                if attempt == RETRIES:
+                    raise error from None
+            log.warning("%s; asking again in %.1f s", error, pause)
+            time.sleep(pause)
+        raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ watch
 
@@ -385,13 +403,17 @@ class KubernetesExecutor:
     # ------------------------------------------------------------------ stop
 
     def stop_node(self, job_id: str, node: int, handle: NodeHandle, grace: float) -> None:
-        """Delete the node's pod (and any other pod of the node: one started by a control
-        plane that died before recording it). Kubernetes sends SIGTERM, waits ``grace``
-        seconds, then SIGKILL. Deleting what is gone is not an error (cancel is idempotent)."""
-        names = {p["metadata"]["name"] for p in self._node_pods(job_id, node)}
+        """Delete the node's pods that still run (its pod, and any other: one started by a
+        control plane that died before recording it). Kubernetes sends SIGTERM, waits
+        ``grace`` seconds, then SIGKILL. A pod that has ended holds nothing and is kept for
+        its log (why a node failed); deleting what is gone is not an error (cancel is
+        idempotent)."""
+        pods = {p["metadata"]["name"]: p for p in self._node_pods(job_id, node)}
         if handle.pod:
-            names.add(handle.pod)
-        for name in sorted(names):
+            pods.setdefault(handle.pod, {})
+        for name, pod in sorted(pods.items()):
+            if (pod.get("status") or {}).get("phase") in ENDED:
+                continue
             self._call(
                 f"deleting pod {name} in namespace {self.namespace}",
                 self.core.delete_namespaced_pod,
@@ -419,28 +441,52 @@ class KubernetesExecutor:
     def logs(
         self, job_id: str, node: int, tail_lines: int, follow: bool, active: Callable[[], bool]
     ) -> Iterator[str]:
-        """The newest pod of the node: its last ``tail_lines`` lines (0 = all), then, with
-        ``follow``, its new output until it ends or ``active()`` turns False. Following a
-        node whose pod has not started yet waits for it."""
+        """The node's log. ``tail_lines`` N > 0: the last N lines of its newest pod that
+        has one. 0: every pod of the node the cluster still has (the ended ones of earlier
+        generations, each under a header line, then the newest). With ``follow``, the
+        newest pod's new output until it ends or ``active()`` turns False; a pod that has
+        not started yet is waited for."""
+        pods = self._node_pods(job_id, node)
+        if tail_lines > 0 and not follow:
+            for pod in reversed(pods):
+                text = self._log_text(pod, tail_lines)
+                if text:
+                    yield text
+                    return
+            return
+        if tail_lines == 0:
+            earlier = pods[:-1]
+            for pod in earlier:
+                text = self._log_text(pod, 0)
+                if text:
+                    yield f"{_header(pod)}{text}"
+            if earlier and pods:
+                yield _header(pods[-1])
+            if not follow:
+                text = self._log_text(pods[-1], 0) if pods else ""
+                if text:
+                    yield text
+                return
         while True:
-            pods = self._node_pods(job_id, node)
+            pods = pods or self._node_pods(job_id, node)
             if pods:
                 name = pods[-1]["metadata"]["name"]
                 what = f"reading the log of pod {name} in namespace {self.namespace}"
-                if not follow:
-                    kwargs = {"container": CONTAINER}
-                    if tail_lines > 0:
-                        kwargs["tail_lines"] = tail_lines
-                    text = self._raw(what, name, kwargs, API_TIMEOUT)
-                    if text:
-                        yield text
-                    return
                 streamed = yield from self._follow(what, name, tail_lines, active)
                 if streamed:
                     return
-            if not follow or not active():
+            if not active():
                 return
             time.sleep(FOLLOW_POLL_S)
+            pods = []
+
+    def _log_text(self, pod: dict, tail_lines: int) -> str:
+        name = pod["metadata"]["name"]
+        kwargs: dict[str, Any] = {"container": CONTAINER}
+        if tail_lines > 0:
+            kwargs["tail_lines"] = tail_lines
+        what = f"reading the log of pod {name} in namespace {self.namespace}"
+        return self._raw(what, name, kwargs, API_TIMEOUT)
 
     def _follow(
         self, what: str, name: str, tail_lines: int, active: Callable[[], bool]

@@ -17,8 +17,8 @@ Per job the Kubernetes executor (``service.kube``) applies:
 The pod settings come from the job's spec (``JobSpec.kubernetes``) or, field by
 field, from the control plane's defaults (``PodDefaults``, the chart's
 ``workers`` values). Every pod is hardened the way the chart's own pods are:
-non-root uid 10001, read-only root filesystem (``/tmp`` and ``/dev/shm`` are
-memory-backed ``emptyDir``), no capabilities, the RuntimeDefault seccomp
+non-root uid 10001, read-only root filesystem (``/tmp`` an ``emptyDir``, ``/dev/shm``
+a memory-backed one), no capabilities, the RuntimeDefault seccomp
 profile, no service account token (workers never call the Kubernetes API).
 """
 
@@ -48,6 +48,7 @@ CONTAINER = "worker"
 UID = 10001  # the image's user (Dockerfile)
 TERMINATION_GRACE_S = 30
 DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+LABEL_VALUE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")  # of a job id
 
 
 # serve.json's camelCase keys -> fields
@@ -156,7 +157,7 @@ def labels(defaults: PodDefaults, job_id: str) -> dict[str, str]:
 
 
 def job_label(job_id: str) -> str:
-    return job_id if DNS_LABEL.match(f"x{job_id}") else job_name(job_id)
+    return job_id if LABEL_VALUE.match(job_id) else job_name(job_id)
 
 
 def selector(defaults: PodDefaults, job_id: str | None = None) -> str:

@@ -93,6 +93,10 @@ def load_options(path: str | None, flags: dict[str, Any]) -> ServeOptions:
     options = ServeOptions(**values)
     if options.executor not in EXECUTORS:
         raise MegamoeError(f"executor {options.executor!r} is not one of {', '.join(EXECUTORS)}")
+    if options.kubernetes:  # checked whichever executor runs: a typo must not wait for it
+        from service.manifests import PodDefaults
+
+        PodDefaults.from_config(options.kubernetes, etcd="", prefix=options.prefix)
     return options
 
 

@@ -77,6 +77,7 @@ class FakeKube:
         self.deleted: list[tuple[str, str, int | None]] = []  # (resource, name, grace)
         self.create_delay_s = 0.0  # each pod create waits this long (a slow API server)
         self.create_started = threading.Event()  # set when a pod create begins
+        self.failures: list[int] = []  # status codes the next pod creates answer with
         self.version = 0
         self.cond = threading.Condition()
         handler = type("Handler", (_Handler,), {"fake": self})
@@ -295,6 +296,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.fake.create_started.set()
             if self.fake.create_delay_s:
                 threading.Event().wait(self.fake.create_delay_s)
+            with self.fake.cond:
+                failure = self.fake.failures.pop(0) if self.fake.failures else None
+            if failure is not None:
+                self._error(failure, "ServiceUnavailable", "the server is busy, try again")
+                return
         if body.get("kind") != KINDS[resource]:
             self._error(400, "BadRequest", f"kind {body.get('kind')} posted to {resource}")
             return

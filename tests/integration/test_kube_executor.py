@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from service._gen.megamoe.v1 import jobs_pb2 as pb
-from service.kube import KubernetesExecutor
+from service.kube import KubeError, KubernetesExecutor
 from service.manager import JobManager
 from service.manifests import PodDefaults, job_name
 from service.reconciler import Reconciler
@@ -145,14 +145,19 @@ def test_a_failed_pod_is_replaced_by_a_new_generation_and_the_cause_is_an_event(
         first = _wait("generation 0", lambda: len(_pods(fake, job, 0)) == 2 and _pods(fake, job, 0))
         for name in first:
             fake.run(name)
+        fake.log(first[1], "loading data\nmegamoe: error: data.path: no such corpus")
         fake.exit(first[1], 1, message="megamoe: error: data.path: no such corpus")
         second = _wait(
             "generation 1", lambda: len(_pods(fake, job, 1)) == 2 and _pods(fake, job, 1)
         )
         assert second == ["megamoe-job-fails-g1-n0", "megamoe-job-fails-g1-n1"]
-        # the old world was deleted with the control plane's grace period
-        assert {(n, g) for r, n, g in fake.deleted if r == "pods"} >= {(n, 7) for n in first}
-        assert _pods(fake, job, 0) == []
+        # the rest of the old world was deleted with the control plane's grace period; the
+        # failed pod holds nothing and stays for its log
+        assert ("pods", first[0], 7) in fake.deleted
+        assert _pods(fake, job, 0) == [first[1]]
+        log = "".join(manager.logs(job, 1, 0, False, lambda: True))
+        assert log.startswith(f"=== megamoe: pod {first[1]} (generation 0) ===\nloading data\n")
+        assert log.endswith(f"=== megamoe: pod {second[1]} (generation 1) ===\n")
         pod = fake.get("pods", second[0])
         env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
         assert env["MEGAMOE_GENERATION"] == "1"
@@ -235,6 +240,21 @@ def test_follow_streams_a_pods_new_output_until_it_ends(etcd_server, fake):
         reader.join(timeout=20)
         assert not reader.is_alive()
         assert got == ["first\n", "second\n", "third\n"]
+
+
+def test_a_busy_api_server_is_asked_again_and_a_refusal_is_not(fake):
+    executor = _executor(fake)
+    try:
+        fake.failures = [503, 500]
+        handle = executor.start_node("busy", _spec(nodes=1, procs=1), 0, 0)
+        assert fake.get("pods", handle.pod) is not None
+        assert fake.requests.count(("create", "pods")) == 3
+        fake.failures = [403]
+        with pytest.raises(KubeError, match=r"creating pod megamoe-job-busy-g1-n0 .*: 403"):
+            executor.start_node("busy", _spec(nodes=1, procs=1), 0, 1)
+        assert fake.requests.count(("create", "pods")) == 4
+    finally:
+        executor.close()
 
 
 def _handle(name):

@@ -54,6 +54,7 @@ def test_the_file_sets_the_options_and_a_given_flag_wins(tmp_path):
         ({"metricsPort": True}, "metricsPort = True must be of type int"),
         ({"kubernetes": []}, "kubernetes = [] must be of type dict"),
         ({"executor": "slurm"}, "executor 'slurm' is not one of local, kubernetes, none"),
+        ({"kubernetes": {"nodeSelecter": {}}}, "kubernetes.nodeSelecter: unknown key"),
     ],
 )
 def test_a_malformed_file_is_refused_naming_what_is_wrong(tmp_path, content, message):
