@@ -12,6 +12,10 @@ ranks (not the part that stays local), an all-gather or reduce-scatter over n
 ranks counts (n - 1) / n of the full tensor (what a ring moves per rank), an
 all-reduce twice that.
 
+Every collective checks first that its tensors live on the device its group's
+backend serves (``Comm.device``: CUDA for NCCL, CPU for gloo) and raises
+``CommDeviceError`` otherwise, on CPU as on GPU.
+
 Wall seconds run from issue to completion (for asynchronous work the first
 moment it is seen complete - checked at every collective's issue and wait -
 not when it is waited for); exposed seconds are
@@ -41,6 +45,12 @@ def _all_gather_tensor():
 
 def _reduce_scatter_tensor():
     return getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class CommDeviceError(RuntimeError):
+    """A collective's tensor lives on another device than the one its group's backend
+    serves (a CPU tensor on an NCCL group): a bug in the caller, caught before the backend
+    turns it into an obscure failure or a hang."""
 
 
 @dataclass
@@ -213,7 +223,13 @@ class Comm:
         self.device = device or torch.device("cpu")
         self.stats = stats if stats is not None else CommStats()  # shared by a rank's Comms
 
-    def _book(self, kind: str, tag: str, nbytes: int) -> float:
+    def _book(self, kind: str, tag: str, nbytes: int, *tensors: torch.Tensor) -> float:
+        for t in tensors:
+            if t.device.type != self.device.type:
+                raise CommDeviceError(
+                    f"{kind} {tag!r}: a {t.dtype} tensor on {t.device}, but this group's "
+                    f"backend ({self._backend()}) serves {self.device.type} tensors"
+                )
         poll_in_flight()
         s = self.stats.kinds[kind]
         s.calls += 1
@@ -222,6 +238,12 @@ class Comm:
         self.stats.entered += 1
         self.stats.last_tag = tag
         return time.perf_counter()
+
+    def _backend(self) -> str:
+        try:
+            return str(dist.get_backend(self.group))
+        except (RuntimeError, ValueError, AttributeError):
+            return "no process group"
 
     def _run(self, kind, start, work, async_op, finish=None, tag=""):
         pending = Pending(self, kind, work, start, finish, tag)
@@ -250,7 +272,7 @@ class Comm:
         out_rows = sum(out_splits) if out_splits else rows
         if out is None:
             out = inp.new_empty((out_rows, *inp.shape[1:]))
-        start = self._book("all_to_all", tag, sent_rows * row_bytes)
+        start = self._book("all_to_all", tag, sent_rows * row_bytes, inp, out)
         wire_in, wire_out = _wire(inp), _wire(out)
         work = dist.all_to_all_single(
             wire_out, wire_in, out_splits, in_splits, group=self.group, async_op=async_op
@@ -260,7 +282,7 @@ class Comm:
     def all_gather(self, inp: torch.Tensor, tag: str, async_op: bool = False):
         """Concatenate every rank's ``inp`` along dim 0 (rank order)."""
         out = inp.new_empty((inp.shape[0] * self.size, *inp.shape[1:]))
-        start = self._book("all_gather", tag, _nbytes(inp) * (self.size - 1))
+        start = self._book("all_gather", tag, _nbytes(inp) * (self.size - 1), inp)
         work = _all_gather_tensor()(
             _wire(out), _wire(inp.contiguous()), group=self.group, async_op=async_op
         )
@@ -269,14 +291,14 @@ class Comm:
     def reduce_scatter(self, inp: torch.Tensor, tag: str, async_op: bool = False):
         """Sum over ranks, rank r keeps rows [r * rows / n, (r + 1) * rows / n)."""
         out = inp.new_empty((inp.shape[0] // self.size, *inp.shape[1:]))
-        start = self._book("reduce_scatter", tag, _nbytes(out) * (self.size - 1))
+        start = self._book("reduce_scatter", tag, _nbytes(out) * (self.size - 1), inp)
         work = _reduce_scatter_tensor()(out, inp.contiguous(), group=self.group, async_op=async_op)
         return self._run("reduce_scatter", start, work, async_op, finish=lambda: out, tag=tag)
 
     def all_reduce(self, tensor: torch.Tensor, tag: str, async_op: bool = False, op=None):
         """In-place reduction over ranks (sum unless ``op``); returns the tensor."""
         nbytes = 2 * _nbytes(tensor) * (self.size - 1) // self.size
-        start = self._book("all_reduce", tag, nbytes)
+        start = self._book("all_reduce", tag, nbytes, tensor)
         op = dist.ReduceOp.SUM if op is None else op
         work = dist.all_reduce(tensor, op=op, group=self.group, async_op=async_op)
         return self._run("all_reduce", start, work, async_op, finish=lambda: tensor, tag=tag)
@@ -284,7 +306,7 @@ class Comm:
     def send(self, tensor: torch.Tensor, dst: int, tag: str) -> Pending:
         """Asynchronous point-to-point send to global rank ``dst``; wait() before reuse."""
         tensor = tensor.contiguous()
-        start = self._book("send_recv", tag, _nbytes(tensor))
+        start = self._book("send_recv", tag, _nbytes(tensor), tensor)
         work = dist.isend(_wire(tensor), dst)
         return Pending(self, "send_recv", work, start, finish=lambda: tensor, tag=tag)
 

@@ -329,7 +329,8 @@ def _global_keep(ctx, scores_all, ids_all, T_l):
     capacity = group_capacity(T_l * ctx.n, ids_all.shape[1], ctx.n, ctx.capacity_factor)
     if capacity <= 0:
         return torch.ones_like(ids_all, dtype=torch.bool)
-    to_global = ctx.gathered_to_global(T_l)  # gathered row -> batch-major token index
+    # gathered row -> batch-major token index
+    to_global = ctx.gathered_to_global(T_l).to(ids_all.device)
     order = torch.argsort(to_global)
     keep_global = capacity_keep(scores_all[order], ids_all[order], ctx.experts, ctx.n, capacity)
     return keep_global[to_global]

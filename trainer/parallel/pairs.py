@@ -125,6 +125,13 @@ def a2a_out_gemm(ctx, out_BNSD, wo, chunks: int) -> torch.Tensor:
     return torch.cat(pieces, dim=1)
 
 
+def piece_rows_index(n: int, T_l: int, c: int, Tc: int, device) -> torch.Tensor:
+    """Rows of piece ``c`` in all-gather order (every source rank's Tc tokens from c Tc),
+    on ``device``: the tensors it indexes and is indexed by live there."""
+    ranks = torch.arange(n, device=device)[:, None] * T_l
+    return (ranks + c * Tc + torch.arange(Tc, device=device)[None, :]).reshape(-1)
+
+
 def ag_grouped_gemm_rs(ctx, x2, mine, gs_all, ids_all, first, w1, w3, w2, chunks: int):
     """Gathered-FFN forward in pieces of local tokens.
 
@@ -138,7 +145,7 @@ def ag_grouped_gemm_rs(ctx, x2, mine, gs_all, ids_all, first, w1, w3, w2, chunks
     flat_ids, flat_gs = ids_all.reshape(-1), gs_all.reshape(-1)
     outs, sel, toks, gates, segs, fc1s, fc3s, piece_rows = [], [], [], [], [], [], [], []
     for c in range(chunks):
-        rows = (torch.arange(n)[:, None] * T_l + c * Tc + torch.arange(Tc)[None, :]).reshape(-1)
+        rows = piece_rows_index(n, T_l, c, Tc, mine.device)
         slots = mine[rows].reshape(-1).nonzero().squeeze(-1)  # within-piece (row, slot)
         slots = slots[torch.sort(flat_ids[(rows[slots // k] * k + slots % k)], stable=True).indices]
         global_slots = rows[slots // k] * k + slots % k

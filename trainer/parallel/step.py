@@ -26,6 +26,22 @@ from trainer.parallel.zero import ZeroOptimizer
 from trainer.runtime import StepResult
 
 
+def step_totals(res, bubble: float, cfg: Config, device: torch.device) -> torch.Tensor:
+    """What the world sums after a step, on ``device``: loss, balance loss, drops, bubble,
+    expert counts. The balance loss and the expert counts are identical on a group's n
+    ranks: they count once per group (the world sum covers every stage's layers and every
+    replica)."""
+    E = cfg.model.experts
+    counts = res.expert_counts if res.expert_counts is not None else torch.zeros(E)
+    scalars = [res.loss, res.balance / cfg.parallel.n, float(res.dropped), bubble]
+    return torch.cat(
+        [
+            torch.tensor(scalars, dtype=torch.float64, device=device),
+            counts.to(device=device, dtype=torch.float64) / cfg.parallel.n,
+        ]
+    )
+
+
 def parallel_train_step(
     runner: StageRunner,
     optimizer: ZeroOptimizer,
@@ -46,22 +62,11 @@ def parallel_train_step(
     optimizer.zero_grad()
     # Bubble against the pipeline's makespan (the slowest rank's schedule time), as
     # the (P - 1) / (M + P - 1) theory counts it: every stage waits for the flush.
-    makespan = torch.tensor([res.times.total_s], dtype=torch.float64)
+    device = comms.world.device  # what the backend serves (CUDA for NCCL)
+    makespan = torch.tensor([res.times.total_s], dtype=torch.float64, device=device)
     comms.world.all_reduce(makespan, "pp_timing", op=dist.ReduceOp.MAX)
     bubble = 1.0 - res.times.compute_s / float(makespan[0])
-    # The balance loss and the expert counts are identical on a group's n ranks: count
-    # them once per group (the world sum covers every stage's layers and every replica).
-    E = cfg.model.experts
-    counts = res.expert_counts if res.expert_counts is not None else torch.zeros(E)
-    totals = torch.cat(
-        [
-            torch.tensor(
-                [res.loss, res.balance / cfg.parallel.n, float(res.dropped), bubble],
-                dtype=torch.float64,
-            ),
-            counts.double().cpu() / cfg.parallel.n,
-        ]
-    )
+    totals = step_totals(res, bubble, cfg, device)
     totals = comms.world.all_reduce(totals, "loss")
     comm_after, exposed_after = comms.world.stats.totals()
     tokens = cfg.train.global_batch * cfg.model.seq_len
@@ -76,5 +81,5 @@ def parallel_train_step(
         bubble=float(totals[3]) / comms.world.size,
         comm_s=comm_after - comm_before,
         exposed_s=exposed_after - exposed_before,
-        expert_tokens=[round(float(c)) for c in totals[4 : 4 + E]],
+        expert_tokens=[round(float(c)) for c in totals[4:].tolist()],
     )

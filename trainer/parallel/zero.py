@@ -269,9 +269,9 @@ class ZeroOptimizer:
 
     def shard_sq_norm(self) -> torch.Tensor:
         """Sum of squares of this rank's gradient shards (disjoint across all ranks)."""
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=self.dp_comm.device)
         for g in self.groups:
-            total += g.master.grad.double().pow(2).sum().cpu()
+            total += g.master.grad.double().pow(2).sum()
         return total
 
     def step(self, clip_coef: float) -> None:
