@@ -2,7 +2,7 @@
 
     python bench/moe_layer.py --hidden 512 --ffn 1024 --experts 8 --topk 2 --tokens 4096 \\
         --ep 2 --dtype fp32 [--mode ep_a2a|ep_agrs] [--capacity-factor 0] [--warmup 3] \\
-        [--steps 10] [--threads 1] [--json FILE]
+        [--steps 10] [--threads 1] [--expert-gemm auto|grouped|loop] [--json FILE]
 
 ``--tokens`` is tokens per rank. Each of the ``--ep`` local gloo ranks routes
 its tokens (top-k softmax router), dispatches them to the rank holding each
@@ -52,6 +52,7 @@ def _ctx(comm, rank, world, a):
         balance_coef=0.01,
         rope_theta=1e4,
         eps=1e-5,
+        expert_gemm={"auto": None, "grouped": True, "loop": False}[a.expert_gemm],
     )
 
 
@@ -112,6 +113,13 @@ def main() -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--mode", choices=["ep_a2a", "ep_agrs"], default="ep_a2a")
     p.add_argument("--capacity-factor", type=float, default=0.0)
+    p.add_argument(
+        "--expert-gemm",
+        choices=["auto", "grouped", "loop"],
+        default="auto",
+        help="expert GEMMs as torch._grouped_mm calls, a loop over experts, or what the "
+        "trainer picks for the device and dtype (auto)",
+    )
     p.add_argument("--json", default=None)
     a = p.parse_args()
     if a.experts % a.ep:
@@ -132,7 +140,8 @@ def main() -> None:
         "step_times_s": slowest,
     }
     print(
-        f"{a.mode} ep={a.ep} {a.dtype}: step {step_s * 1e3:.1f} ms (median, slowest rank), "
+        f"{a.mode} ep={a.ep} {a.dtype} expert-gemm={a.expert_gemm}: "
+        f"step {step_s * 1e3:.1f} ms (median, slowest rank), "
         f"GEMM roofline {roofline_s * 1e3:.1f} ms -> {100 * result['roofline_ratio']:.1f} % of "
         f"roofline, {result['tflops_per_rank'] * 1e3:.1f} GFLOP/s per rank"
     )

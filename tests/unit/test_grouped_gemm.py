@@ -32,20 +32,24 @@ def _case(dtype, counts, seed=0):
     return r(A, H), r(A), r(E, H, Fh), r(E, H, Fh), r(E, Fh, H)
 
 
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "loop"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("gate_after", [False, True])
 @pytest.mark.parametrize("counts", [[5, 3, 7, 1], [0, 6, 0, 4]])
-def test_grouped_experts_equal_autograd_on_the_per_expert_definition(dtype, gate_after, counts):
+def test_grouped_experts_equal_autograd_on_the_per_expert_definition(
+    dtype, gate_after, counts, grouped
+):
     x, g, w1, w3, w2 = _case(dtype, counts)
     segments = ops.segments_of(counts)
     y_ref = _reference(x, g, counts, w1, w3, w2, gate_after)
     dy = torch.randn_like(y_ref)
     y_ref.backward(dy)
     with torch.no_grad():
-        y, fc1, fc3 = ops.grouped_fwd(x, g, segments, w1, w3, w2, gate_after)
+        y, fc1, fc3 = ops.grouped_fwd(x, g, segments, w1, w3, w2, gate_after, grouped)
         dx, dg, dw2, dfc1, dfc3 = ops.grouped_bwd_data(
-            dy, g, segments, fc1, fc3, w1, w3, w2, gate_after
+            dy, g, segments, fc1, fc3, w1, w3, w2, gate_after, grouped
         )
+        assert isinstance(dfc1, torch.Tensor) == grouped  # the path it says it took
         dw1, dw3 = ops.grouped_bwd_weights(x, segments, dfc1, dfc3, w1)
     tol = TOL[dtype]
     torch.testing.assert_close(y, y_ref.detach(), **tol)
@@ -56,9 +60,9 @@ def test_grouped_experts_equal_autograd_on_the_per_expert_definition(dtype, gate
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_loop_fallback_gives_the_grouped_kernels_values(dtype):
-    """Segments that repeat experts (no single grouped call fits) take the loop; on CPU
-    both paths run, and they agree exactly."""
+def test_the_loop_gives_the_grouped_kernels_values_exactly(dtype):
+    """On CPU both paths run (the loop by default, see trainer/parallel/ops.py), and their
+    GEMMs agree bit for bit; segments that repeat an expert have no grouped plan."""
     counts = [4, 2, 5]
     x, _, w1, _, _ = _case(dtype, counts, seed=1)
     segments = ops.segments_of(counts)
@@ -72,3 +76,5 @@ def test_the_loop_fallback_gives_the_grouped_kernels_values(dtype):
         wl = ops.grouped_mm_t(x, grouped, segments, None, w1)
         torch.testing.assert_close(wg, wl, rtol=0, atol=0)
     assert ops.grouped_offsets([(0, 3), (1, 2), (0, 1)], x.device) is None
+    assert ops.grouped_plan(x, segments) is None  # CPU: the loop unless asked
+    assert ops.grouped_plan(x, segments, grouped=True).tolist() == [4, 6, 11]

@@ -72,6 +72,7 @@ class LayerCtx:
     # Benchmarks and volume tests: replace the router's choice by a fixed, perfectly
     # balanced assignment, so every rank sends the closed-form volume. Never in training.
     balanced_routing: bool = False
+    expert_gemm: bool | None = None  # grouped expert GEMMs: None = by device (ops.grouped_plan)
 
     def issue(self, collective, *args, **kwargs):
         """Start a collective: asynchronous under overlap (wait later), else done now."""

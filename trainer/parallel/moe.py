@@ -138,7 +138,9 @@ def a2a_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved, side=None):
         recv_meta_c = recv_meta[p["offset"] : p["offset"] + p["rows"]]
         gs = recv_meta_c[p["perm"], 0].float()
         recv_x = xs.wait(c)
-        ys, fc1, fc3 = grouped_fwd(recv_x[p["perm"]], gs, p["segments"], w1, w3, w2, ctx.fp8)
+        ys, fc1, fc3 = grouped_fwd(
+            recv_x[p["perm"]], gs, p["segments"], w1, w3, w2, ctx.fp8, ctx.expert_gemm
+        )
         y_recv = ys.new_zeros(recv_x.shape).index_copy(0, p["perm"], ys)
         backs.append(_dispatch(ctx, issue, y_recv, p["splits"][::-1], "ep_combine"))
         fc1s.append(fc1)
@@ -312,7 +314,9 @@ def gathered_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved, side=None):
     local_e = ids_all.reshape(-1)[slot_sel] - first
     counts = torch.bincount(local_e, minlength=w1.shape[0]).tolist()
     gs = gs_all[..., 0].reshape(-1)[slot_sel]
-    ys, fc1, fc3 = grouped_fwd(x_all[tokens], gs, segments_of(counts), w1, w3, w2, ctx.fp8)
+    ys, fc1, fc3 = grouped_fwd(
+        x_all[tokens], gs, segments_of(counts), w1, w3, w2, ctx.fp8, ctx.expert_gemm
+    )
     full = ys.new_zeros(n * T_l * k, ys.shape[-1]).index_copy(0, slot_sel, ys)
     summed = full.view(n * T_l, k, -1).sum(1)
     if ctx.fp8:
@@ -353,7 +357,16 @@ def gathered_backward(ctx, d_out, recompute_x2, w1, w3, w2, saved, side=None):
     side_out = side(x2) if side else None
     tokens = s["tokens"]
     dxs, dgs, dw2, dfc1, dfc3 = grouped_bwd_data(
-        d_handle.wait()[tokens], s["gs"], s["segments"], s["fc1"], s["fc3"], w1, w3, w2, ctx.fp8
+        d_handle.wait()[tokens],
+        s["gs"],
+        s["segments"],
+        s["fc1"],
+        s["fc3"],
+        w1,
+        w3,
+        w2,
+        ctx.fp8,
+        ctx.expert_gemm,
     )
     d_x_all = dxs.new_zeros(n * T_l, H).index_add(0, tokens, dxs)
     rs = ctx.issue(ctx.comm.reduce_scatter, d_x_all, "ffn_rs")

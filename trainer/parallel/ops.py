@@ -187,12 +187,17 @@ def _split(t, segments):
     return t.split([rows for _, rows in segments])
 
 
-# The expert GEMMs of a grouped layer run as one ``torch._grouped_mm`` call each where the
-# device and dtype have a kernel (CUDA bf16; CPU bf16 and fp32 in torch 2.13): one launch
-# instead of one per expert, and no per-expert Python. Elsewhere - or when the segments are
-# not every local expert once in order, or the first call finds no kernel - one GEMM per
-# segment. Both give the same values (checked in tests/unit/test_grouped_gemm.py).
-_GROUPED_DTYPES = {"cpu": (torch.bfloat16, torch.float32), "cuda": (torch.bfloat16,)}
+# The expert GEMMs of a grouped layer can run as one ``torch._grouped_mm`` call each (one
+# launch, no per-expert Python; kernels: CUDA bf16, CPU bf16 and fp32 in torch 2.13) or as a
+# loop over the experts, each expert's FC1/FC3 GEMMs, activation and FC2 GEMM back to back.
+# By default the grouped calls run on CUDA bf16, where a loop's launches and host work
+# dominate; on CPU the loop runs: there each expert's activation reads its GEMM outputs
+# while they are still in cache, and bench/moe_layer.py measured the whole-tensor
+# activation between grouped calls 8-25 % slower at the benchmark's shapes
+# (docs/PERFORMANCE.md). ``grouped=True``/``False`` forces either; both give the same values
+# (tests/unit/test_grouped_gemm.py).
+_GROUPED_KERNELS = {"cpu": (torch.bfloat16, torch.float32), "cuda": (torch.bfloat16,)}
+_GROUPED_BY_DEFAULT = {"cuda": (torch.bfloat16,)}
 _grouped_broken: set[tuple[str, torch.dtype]] = set()
 
 
@@ -208,14 +213,20 @@ def grouped_offsets(segments, device) -> torch.Tensor | None:
     return torch.tensor(ends, dtype=torch.int32, device=device)
 
 
-def _grouped(t: torch.Tensor, offs) -> bool:
-    key = (t.device.type, t.dtype)
+def _kernel(t: torch.Tensor, table) -> bool:
     return (
-        offs is not None
-        and hasattr(torch, "_grouped_mm")
-        and t.dtype in _GROUPED_DTYPES.get(t.device.type, ())
-        and key not in _grouped_broken
+        hasattr(torch, "_grouped_mm")
+        and t.dtype in table.get(t.device.type, ())
+        and (t.device.type, t.dtype) not in _grouped_broken
     )
+
+
+def grouped_plan(t: torch.Tensor, segments, grouped: bool | None = None) -> torch.Tensor | None:
+    """The offsets when the grouped calls run for rows like ``t`` (see above), else None."""
+    table = _GROUPED_KERNELS if grouped else _GROUPED_BY_DEFAULT
+    if grouped is False or not _kernel(t, table):
+        return None
+    return grouped_offsets(segments, t.device)
 
 
 def _no_kernel(t: torch.Tensor, exc: RuntimeError) -> None:
@@ -231,8 +242,9 @@ def _no_kernel(t: torch.Tensor, exc: RuntimeError) -> None:
 
 
 def grouped_mm(x_AK: torch.Tensor, w_EKN: torch.Tensor, segments, offs) -> torch.Tensor:
-    """Rows of segment (e, rows) times ``w_EKN[e]``, every segment: [A, N]."""
-    if _grouped(x_AK, offs):
+    """Rows of segment (e, rows) times ``w_EKN[e]``, every segment: [A, N]; one grouped
+    call with ``offs`` (from ``grouped_plan``), a loop without."""
+    if offs is not None and _kernel(x_AK, _GROUPED_KERNELS):
         try:
             return torch._grouped_mm(x_AK, w_EKN, offs=offs)
         except RuntimeError as exc:
@@ -244,7 +256,7 @@ def grouped_mm(x_AK: torch.Tensor, w_EKN: torch.Tensor, segments, offs) -> torch
 def grouped_mm_t(a_AK: torch.Tensor, b_AN: torch.Tensor, segments, offs, like: torch.Tensor):
     """Per expert, the sum over its segments of a^T b: the weight gradients, shaped (and
     typed) like ``like`` [E, K, N]; zero for an expert without rows."""
-    if _grouped(a_AK, offs):
+    if offs is not None and _kernel(a_AK, _GROUPED_KERNELS):
         try:
             return torch._grouped_mm(a_AK.T, b_AN, offs=offs)
         except RuntimeError as exc:
@@ -255,37 +267,54 @@ def grouped_mm_t(a_AK: torch.Tensor, b_AN: torch.Tensor, segments, offs, like: t
     return out
 
 
-def grouped_fwd(xs, gs, segments, w1, w3, w2, gate_after=False):
+def grouped_fwd(xs, gs, segments, w1, w3, w2, gate_after=False, grouped=None):
     """FC1/FC3/FC2 of rows grouped by expert (``segments``: (local expert, rows) in row
-    order); returns (y, fc1, fc3). The activation and the gate run once over all rows. The
-    gate multiplies before FC2 (the paper's placement), or after it in FP8 mode."""
-    offs = grouped_offsets(segments, xs.device)
+    order; an expert may appear in several segments in chunked pipelines); returns (y, fc1,
+    fc3). The gate multiplies before FC2 (the paper's placement), or after it in FP8 mode."""
+    offs = grouped_plan(xs, segments, grouped)
+    if offs is None:
+        return _looped_fwd(xs, gs, segments, w1, w3, w2, gate_after)
     fc1 = grouped_mm(xs, w1, segments, offs)
     fc3 = grouped_mm(xs, w3, segments, offs)
     if gate_after:
-        y = grouped_mm(F.silu(fc1) * fc3, w2, segments, offs) * gs[:, None].to(fc1.dtype)
+        y = grouped_mm(F.silu(fc1) * fc3, w2, segments, offs) * gs[:, None]
     else:
         y = grouped_mm(swiglu_act(fc1, fc3, gs), w2, segments, offs)
     return y, fc1, fc3
 
 
-def grouped_bwd_data(dys, gs, segments, fc1, fc3, w1, w3, w2, gate_after=False):
+def _looped_fwd(xs, gs, segments, w1, w3, w2, gate_after):
+    fc1s, fc3s, ys = [], [], []
+    for (e, _), x_e, g_e in zip(segments, _split(xs, segments), _split(gs, segments), strict=True):
+        fc1, fc3 = swiglu_fwd(x_e, w1[e], w3[e])
+        fc1s.append(fc1)
+        fc3s.append(fc3)
+        if gate_after:
+            ys.append((swiglu_act(fc1, fc3, torch.ones_like(g_e)) @ w2[e]) * g_e[:, None])
+        else:
+            ys.append(swiglu_act(fc1, fc3, g_e) @ w2[e])
+    return torch.cat(ys), torch.cat(fc1s), torch.cat(fc3s)
+
+
+def grouped_bwd_data(dys, gs, segments, fc1, fc3, w1, w3, w2, gate_after=False, grouped=None):
     """dx, dgate, dW2 (per expert) and the FC1/FC3 output gradients of grouped rows: the
     backward of ``grouped_fwd`` up to its input (the activation recomputed), everything but
-    dW1 and dW3, which ``grouped_bwd_weights`` computes while dx is communicated."""
-    offs = grouped_offsets(segments, dys.device)
+    dW1 and dW3, which ``grouped_bwd_weights`` computes while dx is communicated. The FC1/FC3
+    gradients come as one tensor (grouped) or a list per segment (loop)."""
+    offs = grouped_plan(dys, segments, grouped)
+    if offs is None:
+        return _looped_bwd_data(dys, gs, segments, fc1, fc3, w1, w3, w2, gate_after)
     sig = torch.sigmoid(fc1)
     act = fc1 * sig * fc3  # silu(fc1) * fc3
     gate = gs[:, None].to(fc1.dtype)
-    w2_T = w2.transpose(1, 2)
     if gate_after:  # y = (act @ w2) * gate: the FP8 recipe's placement
         dgs = (dys * grouped_mm(act, w2, segments, offs)).sum(-1)
         dy_g = dys * gate
         dw2 = grouped_mm_t(act, dy_g, segments, offs, w2)
-        d_act = grouped_mm(dy_g, w2_T, segments, offs)
+        d_act = grouped_mm(dy_g, w2.transpose(1, 2), segments, offs)
     else:  # y = (act * gate) @ w2
         dw2 = grouped_mm_t(act * gate, dys, segments, offs, w2)
-        d_in = grouped_mm(dys, w2_T, segments, offs)
+        d_in = grouped_mm(dys, w2.transpose(1, 2), segments, offs)
         dgs = (d_in * act).sum(-1)
         d_act = d_in * gate
     dfc3 = d_act * fc1 * sig
@@ -296,7 +325,37 @@ def grouped_bwd_data(dys, gs, segments, fc1, fc3, w1, w3, w2, gate_after=False):
     return dxs, dgs, dw2, dfc1, dfc3
 
 
+def _looped_bwd_data(dys, gs, segments, fc1, fc3, w1, w3, w2, gate_after):
+    dxs, dgs, dfc1, dfc3 = [], [], [], []
+    dw2 = torch.zeros_like(w2)
+    pieces = zip(
+        segments,
+        _split(dys, segments),
+        _split(gs, segments),
+        _split(fc1, segments),
+        _split(fc3, segments),
+        strict=True,
+    )
+    for (e, _), dy, g, a, b in pieces:
+        dx, dg, g2, d1, d3 = expert_bwd_data(dy, a, b, g, w1[e], w3[e], w2[e], gate_after)
+        dxs.append(dx)
+        dgs.append(dg)
+        dw2[e] += g2
+        dfc1.append(d1)
+        dfc3.append(d3)
+    return torch.cat(dxs), torch.cat(dgs), dw2, dfc1, dfc3
+
+
 def grouped_bwd_weights(xs, segments, dfc1, dfc3, w1):
-    """dW1, dW3 = x^T d(fc1), x^T d(fc3) per expert: the GEMMs that hide communication."""
-    offs = grouped_offsets(segments, xs.device)
-    return grouped_mm_t(xs, dfc1, segments, offs, w1), grouped_mm_t(xs, dfc3, segments, offs, w1)
+    """dW1, dW3 = x^T d(fc1), x^T d(fc3) per expert: the GEMMs that hide communication
+    (grouped when ``grouped_bwd_data`` was: its FC1/FC3 gradients are then one tensor)."""
+    if isinstance(dfc1, torch.Tensor):
+        offs = grouped_offsets(segments, xs.device)
+        return grouped_mm_t(xs, dfc1, segments, offs, w1), grouped_mm_t(
+            xs, dfc3, segments, offs, w1
+        )
+    dw1, dw3 = torch.zeros_like(w1), torch.zeros_like(w1)
+    for (e, _), x, d1, d3 in zip(segments, _split(xs, segments), dfc1, dfc3, strict=True):
+        dw1[e] += x.T @ d1
+        dw3[e] += x.T @ d3
+    return dw1, dw3

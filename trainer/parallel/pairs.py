@@ -55,7 +55,16 @@ from trainer.parallel.ops import grouped_bwd_data, grouped_bwd_weights, grouped_
 def rows_bwd_data(ctx, dy, saved, rows: slice, segments, w1, w3, w2):
     """``grouped_bwd_data`` of the saved FFN rows ``rows`` (gates, FC1 and FC3 outputs)."""
     return grouped_bwd_data(
-        dy, saved["gs"][rows], segments, saved["fc1"][rows], saved["fc3"][rows], w1, w3, w2, ctx.fp8
+        dy,
+        saved["gs"][rows],
+        segments,
+        saved["fc1"][rows],
+        saved["fc3"][rows],
+        w1,
+        w3,
+        w2,
+        ctx.fp8,
+        ctx.expert_gemm,
     )
 
 
@@ -153,7 +162,7 @@ def ag_grouped_gemm_rs(ctx, x2, mine, gs_all, ids_all, first, w1, w3, w2, chunks
         x_c = gathers.wait(c)
         g_c = flat_gs[global_slots]
         ys, fc1, fc3 = grouped_fwd(
-            x_c[slots // k], g_c, list(enumerate(counts)), w1, w3, w2, ctx.fp8
+            x_c[slots // k], g_c, list(enumerate(counts)), w1, w3, w2, ctx.fp8, ctx.expert_gemm
         )
         full = ys.new_zeros(n * Tc * k, H).index_copy(0, slots, ys).view(n * Tc, k, H).sum(1)
         if ctx.fp8:
