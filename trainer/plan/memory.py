@@ -66,11 +66,14 @@ def stage_params(model: ModelConfig, layout: Layout, stage: int) -> StageParams:
         sharded += layers * attention / n
     sharded += layers * model.experts * 3 * h * model.ffn_hidden / n
     shared = model.shared_experts * 3 * h * model.shared_hidden
-    if layout.ffn == "tp":
+    # TP slices the shared experts too - in the paper's layouts; the trainer's macro layer
+    # runs them whole on every rank of the group in every FFN mode.
+    if layout.ffn == "tp" and layout.implementation != "trainer":
         sharded += layers * shared / n
     else:
         replicated += layers * shared
     replicated += layers * (2 * h + h * model.experts)  # norms, router
+    replicated += h * (stage == layout.pp - 1)  # the final norm
     vocab = model.vocab_size * h
     ends = (stage == 0) + (stage == layout.pp - 1)  # embedding first, LM head last
     if not layout.vocab_parallel:
