@@ -12,8 +12,6 @@ explicit positions so a sequence shard can be rotated with its global offsets.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -89,13 +87,9 @@ class Attention(nn.Module):
         return self.wo(out_BNSD.transpose(1, 2).reshape(B, S, -1))
 
 
-def init_weights(module: nn.Module, cfg: ModelConfig) -> None:
-    """Normal(0, init_std) everywhere; residual-branch outputs scaled by 1/sqrt(2 * layers)."""
-    residual_std = cfg.init_std / math.sqrt(2 * cfg.layers)
-    for name, param in module.named_parameters():
-        if name.endswith("norm.weight") or param.dim() == 1:
-            nn.init.ones_(param)
-        elif name.endswith(("wo.weight", "w2")):
-            nn.init.normal_(param, std=residual_std)
-        else:
-            nn.init.normal_(param, std=cfg.init_std)
+def init_weights(module: nn.Module, cfg: ModelConfig, seed: int | None = None) -> None:
+    """Normal(0, init_std) everywhere, residual-branch outputs scaled by 1/sqrt(2 * layers),
+    norms at one; each tensor from its own stream (``trainer.model.init``)."""
+    from trainer.model.init import init_reference
+
+    init_reference(module, cfg, seed)

@@ -23,6 +23,7 @@ from torch import nn
 
 from trainer.config import ModelConfig
 from trainer.model.experts import DenseSwiGLU, RoutedExperts
+from trainer.model.init import base_seed
 from trainer.model.layers import Attention, RMSNorm, init_weights
 from trainer.model.router import balance_loss, route
 
@@ -81,16 +82,19 @@ class Block(nn.Module):
 
 
 class MoETransformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, groups: int = 1) -> None:
+    def __init__(self, cfg: ModelConfig, groups: int = 1, seed: int | None = None) -> None:
         super().__init__()
         if cfg.experts % groups:
             raise ValueError(f"experts = {cfg.experts} not divisible by groups = {groups}")
+        # Drawn first, before the layers' own default initialisation uses the global
+        # generator, so build_parallel_model draws the same after the same manual_seed.
+        seed = base_seed(seed)
         self.cfg, self.groups = cfg, groups
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden)
         self.blocks = nn.ModuleList(Block(cfg, groups) for _ in range(cfg.layers))
         self.final_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
         self.head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
-        init_weights(self, cfg)
+        init_weights(self, cfg, seed)
 
     def forward(self, tokens_BS: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         x = self.embed(tokens_BS)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import Config
+from trainer.model.init import base_seed, init_placed
 from trainer.model.layers import RMSNorm
 from trainer.model.transformer import MoETransformer
 from trainer.parallel.block import LayerCtx, LayerResult, MacroLayer
@@ -249,7 +250,27 @@ class ParallelMoE(nn.Module):
 def build_parallel_model(
     cfg: Config, comm: Comm, rank: int, device: torch.device, stage: int = 0
 ) -> ParallelMoE:
-    """Build the reference from train.seed (identical on every rank), then take our share."""
+    """This rank's share of the reference of train.seed, and nothing else: the reference
+    and the share are laid out on the meta device, then each local parameter is drawn
+    alone (``trainer.model.init``) with exactly the values the reference holds."""
     torch.manual_seed(cfg.train.seed)
-    reference = MoETransformer(cfg.model, groups=cfg.parallel.n)
-    return ParallelMoE(cfg, comm, rank, reference, stage, cfg.parallel.pp).to(device)
+    seed = base_seed()  # what MoETransformer draws first after the same manual_seed
+    with torch.device("meta"):
+        reference = MoETransformer(cfg.model, groups=cfg.parallel.n, seed=seed)
+        model = ParallelMoE(cfg, comm, rank, reference, stage, cfg.parallel.pp)
+    materialize(model, cfg.model, seed, device)
+    return model
+
+
+def materialize(model: nn.Module, mcfg, seed: int, device: torch.device) -> None:
+    """Replace every meta parameter of ``model`` by its values, drawn from its Placement."""
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None or not p.is_meta:
+                continue
+            place = p.megamoe_place
+            values = init_placed(place.name, place.shape, place.pieces, mcfg, seed, p.dtype, device)
+            new = nn.Parameter(values, requires_grad=p.requires_grad)
+            for attr in ("megamoe_replicated", "megamoe_ref", "megamoe_place"):
+                setattr(new, attr, getattr(p, attr))
+            module._parameters[name] = new
