@@ -29,7 +29,7 @@ from trainer.errors import ConfigError
 from trainer.faults import Faults
 from trainer.model import MoETransformer, flops_per_token, lm_loss, total_params
 from trainer.model.flops import activated_gemm_params
-from trainer.observe.mfu import peak_flops
+from trainer.observe.mfu import peak_flops, use_tensor_cores
 from trainer.observe.progress import RunLog, StepRecord
 from trainer.runtime import Progress, StepResult, Worker, pick_device
 
@@ -210,6 +210,7 @@ def optimizer_state_bytes(optimizer) -> int:
 
 def run(cfg: Config, w: Worker, summary_path: str | None, out: TextIO) -> dict[str, Any]:
     """The training loop, the same for one process and for each of N ranks."""
+    use_tensor_cores(w.device, cfg.train.dtype)
     data = open_data(cfg)
     sampler = BatchSampler(
         data.num_tokens, cfg.model.seq_len, cfg.train.global_batch, cfg.train.seed

@@ -131,3 +131,23 @@ def test_cpu_profile_reads_the_recorded_probes(tmp_path, monkeypatch):
     path.write_text("{")
     with pytest.raises(ConfigError, match="cannot read"):
         hardware_profile("cpu")
+
+
+def test_fp32_on_a_gpu_runs_in_tf32_the_precision_its_peak_assumes():
+    """MFU of an fp32 GPU run is measured against the TF32 peak, so its matmuls must run in
+    TF32; a CPU run and a bf16 run leave the setting alone."""
+    import torch
+
+    from trainer.observe.mfu import gpu_peak_flops, use_tensor_cores
+
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        use_tensor_cores(torch.device("cpu"), "fp32")
+        use_tensor_cores(torch.device("cuda"), "bf16")
+        assert not torch.backends.cuda.matmul.allow_tf32
+        use_tensor_cores(torch.device("cuda"), "fp32")
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert gpu_peak_flops("NVIDIA H100 80GB HBM3", "fp32") == 494.5e12  # the TF32 peak
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

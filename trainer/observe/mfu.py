@@ -4,7 +4,9 @@ MFU = (model FLOPs per token, GEMMs + attention) * tokens/s / (devices * peak).
 
 * GPUs: a table of known dense peaks (tensor-core BF16; TF32 for fp32 runs),
   matched against the CUDA device name. An unknown GPU needs
-  ``observe.peak_tflops`` and says so.
+  ``observe.peak_tflops`` and says so. An fp32 run on a GPU runs its matmuls
+  and convolutions in TF32 (``use_tensor_cores``), so the TF32 peak is the
+  ceiling it can reach: fp32 storage and accumulation, 10-bit mantissa inputs.
 * CPU: no datasheet number is meaningful, so the peak is measured once by a
   GEMM probe (the best of several square matmuls at the run's dtype and thread
   count) and cached under ``$XDG_CACHE_HOME/megamoe`` keyed by CPU model,
@@ -95,6 +97,13 @@ def cpu_peak_flops(dtype: str) -> float:
     with contextlib.suppress(OSError):  # an unwritable cache only costs a re-probe next run
         write_json_atomic(path, cache)
     return peak
+
+
+def use_tensor_cores(device: torch.device, dtype: str) -> None:
+    """fp32 on a GPU: matmuls in TF32, the precision the MFU's peak assumes."""
+    if device.type == "cuda" and dtype == "fp32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def peak_flops(device: torch.device, dtype: str, configured_tflops: float = 0.0) -> float:
