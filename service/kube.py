@@ -213,7 +213,7 @@ class KubernetesExecutor:
             except ApiException as exc:
                 if exc.status in ok:
                     return {"status": exc.status}
-                error = KubeError(f"{what}: {exc.status} {exc.reason}: {_message(exc)}", exc.status)
+                error = _api_error(what, exc)
                 if exc.status not in TRANSIENT or attempt == RETRIES:
                     raise error from None
             except HTTPError as exc:
@@ -276,7 +276,7 @@ class KubernetesExecutor:
         except ApiException as exc:
             if exc.status == 410:
                 return ""
-            raise KubeError(f"watching pods: {exc.status} {exc.reason}", exc.status) from None
+            raise _api_error("watching pods", exc) from None
         self._resp = resp
         try:
             for line in _lines(resp):
@@ -539,9 +539,7 @@ class KubernetesExecutor:
         except ApiException as exc:
             if exc.status in (400, 404):  # not started yet, or gone
                 return ""
-            raise KubeError(
-                f"{what}: {exc.status} {exc.reason}: {_message(exc)}", exc.status
-            ) from None
+            raise _api_error(what, exc) from None
         except HTTPError as exc:
             raise KubeError(f"{what}: {exc}") from None
 
@@ -560,9 +558,7 @@ class KubernetesExecutor:
         except ApiException as exc:
             if exc.status in (400, 404):
                 return None
-            raise KubeError(
-                f"{what}: {exc.status} {exc.reason}: {_message(exc)}", exc.status
-            ) from None
+            raise _api_error(what, exc) from None
 
     def failure_line(self, job_id: str, node: int) -> str:
         """Why the node's newest pod failed: Kubernetes' own reason (evicted, OOMKilled) is
@@ -580,6 +576,11 @@ class KubernetesExecutor:
             API_TIMEOUT,
         )
         return failure_line(text.splitlines())
+
+
+def _api_error(what: str, exc) -> KubeError:
+    """A KubeError saying what was being done and what the API server answered."""
+    return KubeError(f"{what}: {exc.status} {exc.reason}: {_message(exc)}", exc.status)
 
 
 def _message(exc) -> str:

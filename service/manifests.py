@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from service._gen.megamoe.v1 import jobs_pb2 as pb
@@ -72,6 +72,15 @@ CONFIG_KEYS = {
 }
 
 
+# The non-string fields' JSON types.
+KINDS: dict[str, type | tuple[type, ...]] = {
+    "image_pull_secrets": list,
+    "node_selector": dict,
+    "tolerations": list,
+    "metrics_port": int,
+}
+
+
 @dataclass(frozen=True)
 class PodDefaults:
     """What a job's pods get when its spec does not say (``serve.json``'s ``kubernetes``)."""
@@ -98,23 +107,13 @@ class PodDefaults:
     def from_config(cls, raw: dict[str, Any], etcd: str, prefix: str) -> PodDefaults:
         """From serve.json's ``kubernetes`` object; ``etcd``/``prefix``: the control
         plane's, used when the object names no etcd of its own for the workers."""
-        kinds = {f.name: f.type for f in fields(cls)}
         values: dict[str, Any] = {"etcd": etcd, "prefix": prefix}
         for key, value in raw.items():
             if key not in CONFIG_KEYS:
                 known = ", ".join(CONFIG_KEYS)
                 raise MegamoeError(f"kubernetes.{key}: unknown key (known: {known})")
             name = CONFIG_KEYS[key]
-            kind = kinds[name]
-            expected = (
-                int
-                if kind == "int"
-                else dict
-                if kind.startswith("dict")
-                else (list, tuple)
-                if kind.startswith("tuple")
-                else str
-            )
+            expected = KINDS.get(name, str)
             if not isinstance(value, expected) or isinstance(value, bool):
                 raise MegamoeError(f"kubernetes.{key} = {value!r} has the wrong type")
             if name in ("image_pull_secrets", "tolerations"):

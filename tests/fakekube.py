@@ -79,6 +79,7 @@ class FakeKube:
         self.create_started = threading.Event()  # set when a pod create begins
         self.failures: list[int] = []  # status codes the next pod creates answer with
         self.version = 0
+        self.closed = False  # set on exit: streams end
         self.cond = threading.Condition()
         handler = type("Handler", (_Handler,), {"fake": self})
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -96,8 +97,6 @@ class FakeKube:
             self.cond.notify_all()
         self.server.shutdown()
         self.server.server_close()
-
-    closed = False
 
     # ------------------------------------------------------------------ store
 
