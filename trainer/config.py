@@ -78,6 +78,7 @@ class ParallelConfig:
     pp: int = 1
     attention: str = "sp"  # sp | tp
     ffn: str = "ep_a2a"  # ep_a2a | ep_agrs | tp | auto
+    virtual_stages: int = 1  # interleaved 1F1B: non-adjacent layer chunks per pipeline rank
 
     @property
     def world(self) -> int:
@@ -190,8 +191,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 POSITIVE = (
     "model.vocab_size model.hidden model.layers model.heads model.kv_heads model.ffn_hidden "
     "model.experts model.topk model.seq_len parallel.n parallel.dp parallel.pp "
-    "train.steps train.global_batch comm.chunks observe.log_interval checkpoint.keep "
-    "model.rope_theta model.norm_eps model.init_std"
+    "parallel.virtual_stages train.steps train.global_batch comm.chunks observe.log_interval "
+    "checkpoint.keep model.rope_theta model.norm_eps model.init_std"
 ).split()
 NON_NEGATIVE = (
     "model.shared_experts model.shared_ffn_hidden model.capacity_factor model.balance_coef "
@@ -401,9 +402,34 @@ def _validate_layout(cfg: Config) -> None:
         f"model.layers = {m.layers} must be divisible by parallel.pp = {p.pp} "
         "(every pipeline stage holds the same number of layers)",
     )
+    v = p.virtual_stages
+    _require(
+        v == 1 or p.pp > 1,
+        f"parallel.virtual_stages = {v} needs parallel.pp > 1 (got parallel.pp = {p.pp})",
+    )
+    _require(
+        m.layers % (p.pp * v) == 0,
+        f"model.layers = {m.layers} must be divisible by parallel.pp * parallel.virtual_stages "
+        f"= {p.pp} * {v} = {p.pp * v} (every virtual stage holds the same number of layers)",
+    )
     _require(
         cfg.comm.chunks <= m.seq_len,
         f"comm.chunks = {cfg.comm.chunks} must be <= model.seq_len = {m.seq_len}",
+    )
+
+
+def _validate_interleaving(cfg: Config) -> None:
+    """Interleaved 1F1B runs the micro-batches in rounds of pp: every rank fills its v
+    chunks pp micro-batches at a time, so their count must be a whole number of rounds."""
+    p, M = cfg.parallel, cfg.micro_batches_per_replica
+    if p.virtual_stages == 1:
+        return
+    _require(
+        M % p.pp == 0,
+        f"parallel.virtual_stages = {p.virtual_stages} needs the micro-batches per replica, "
+        f"train.global_batch / (parallel.dp * micro-batch) = {cfg.train.global_batch} / "
+        f"({p.dp} * {cfg.micro_batch_size}) = {M}, to be a multiple of parallel.pp = {p.pp} "
+        "(interleaved 1F1B runs them in rounds of pp)",
     )
 
 
@@ -426,6 +452,7 @@ def _validate_train(cfg: Config) -> None:
         f"train.global_batch / parallel.dp = {t.global_batch // dp} sequences per replica must "
         f"be divisible by train.micro_batch = {t.micro_batch}",
     )
+    _validate_interleaving(cfg)
     _require(
         t.min_lr <= t.lr,
         f"train.min_lr = {t.min_lr} must be <= train.lr = {t.lr}",

@@ -40,6 +40,15 @@ from trainer.runtime import Worker, pick_device
 from trainer.train import open_data, run
 
 
+def backend_for(device: torch.device) -> str:
+    """gloo on the CPU; NCCL on a GPU, with its per-collective timing on (CUDA events
+    around each collective's kernel: the wall times trainer.parallel.comm reports)."""
+    if device.type != "cuda":
+        return "gloo"
+    os.environ.setdefault("TORCH_NCCL_ENABLE_TIMING", "1")
+    return "nccl"
+
+
 def _worker(
     rank: int, cfg: Config, world: int, port: int, summary_path, peak: float, resume_from
 ) -> None:
@@ -50,7 +59,7 @@ def _worker(
     threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // world)
     torch.set_num_threads(threads)
     dist.init_process_group(
-        "nccl" if device.type == "cuda" else "gloo",
+        backend_for(device),
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world,
@@ -135,8 +144,7 @@ def run_rank(
     # Ranks on this machine: the local executor runs all nodes on one host and says so.
     sharing = int(os.environ.get(ENV_RANKS_PER_HOST, local_world))
     torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // sharing))
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method="env://", timeout=INIT_TIMEOUT)
+    dist.init_process_group(backend_for(device), init_method="env://", timeout=INIT_TIMEOUT)
     reporter = Reporter.from_env(rank)  # set when the control plane started this world
     try:
         path = _agree_on_checkpoint(cfg, rank, resume, resume_from, skip or [], reporter)

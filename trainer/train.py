@@ -31,6 +31,8 @@ from trainer.model import MoETransformer, flops_per_token, lm_loss, total_params
 from trainer.model.flops import activated_gemm_params
 from trainer.observe.mfu import peak_flops, use_tensor_cores
 from trainer.observe.progress import RunLog, StepRecord
+from trainer.parallel.timing import Clock
+from trainer.parallel.timing import seconds as step_seconds
 from trainer.runtime import Progress, StepResult, Worker, pick_device
 
 
@@ -87,8 +89,8 @@ def train_step(
             logits, stats = model(inputs)
             loss = lm_loss(logits, targets)
         ((loss + stats.balance_loss) / len(micro_batches)).backward()
-        loss_sum += loss.item()
-        bal_sum += stats.balance_loss.item()
+        loss_sum = loss_sum + loss.detach().double()  # read once, after the step
+        bal_sum = bal_sum + stats.balance_loss.detach().double()
         dropped += stats.dropped
         assignments += stats.assignments
         counts = stats.expert_counts_LE.sum(0)
@@ -100,7 +102,9 @@ def train_step(
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     n = len(micro_batches)
-    result = StepResult(loss_sum / n, bal_sum / n, grad_norm, dropped, assignments, skipped)
+    result = StepResult(
+        float(loss_sum) / n, float(bal_sum) / n, grad_norm, dropped, assignments, skipped
+    )
     result.expert_tokens = [int(c) for c in expert_tokens.tolist()]
     return result
 
@@ -238,17 +242,16 @@ def run(cfg: Config, w: Worker, summary_path: str | None, out: TextIO) -> dict[s
     if faults.any:
         print(f"fault injection on rank {w.rank}: {cfg.fault}", file=sys.stderr, flush=True)
     wall_start = time.perf_counter()
+    clock = Clock(w.device)
     bubbles: list[float] = []
     for step in range(progress.step + 1, cfg.train.steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg.train)
         batches = _micro_batches(data, sampler, cfg, w.device, shard)
-        start = time.perf_counter()
+        start = clock.mark()  # CUDA events on a GPU: the step's device time
         faults.before_step(step)
         result = step_fn(batches)
-        if w.device.type == "cuda":
-            torch.cuda.synchronize(w.device)
-        seconds = time.perf_counter() - start
+        seconds = step_seconds(start, clock.mark())
         faults.after_step(seconds, result.exposed_s)
         if result.bubble is not None:
             bubbles.append(result.bubble)
@@ -446,7 +449,7 @@ def _comm_summary(w: Worker, steps: int) -> dict[str, Any]:
         "comm_per_step": stats.per_step(max(steps, 1)),
         "comm_bytes_by_tag": dict(sorted(stats.tags.items())),
         "comm_exposed_s_by_tag": dict(sorted(stats.tag_exposed.items())),
-        "fp8_nonfinite": stats.nonfinite,
+        "fp8_nonfinite": int(stats.nonfinite),
     }
 
 

@@ -49,7 +49,7 @@ CHANNEL_GROUP = 128
 class Encoded:
     payload: torch.Tensor  # uint8 view of E4M3 values, same shape as the input
     scales: torch.Tensor  # float32: [rows, 1] per token, or [groups, 1, cols] per channel
-    nonfinite: int  # non-finite inputs (encoded as NaN)
+    nonfinite: torch.Tensor  # non-finite inputs (encoded as NaN): a count on the device
 
     @property
     def nbytes(self) -> int:
@@ -74,7 +74,7 @@ def encode_rows(x: torch.Tensor) -> Encoded:
     x32 = x.float()
     amax, finite = _finite_amax(x32, dim=-1)
     scales = amax / E4M3_MAX
-    return Encoded(_quantize(x32, scales, finite), scales, int((~finite).sum()))
+    return Encoded(_quantize(x32, scales, finite), scales, (~finite).sum())
 
 
 def encode_channels(x: torch.Tensor, group: int = CHANNEL_GROUP) -> Encoded:
@@ -86,7 +86,7 @@ def encode_channels(x: torch.Tensor, group: int = CHANNEL_GROUP) -> Encoded:
     amax, finite = _finite_amax(x32, dim=1)
     scales = amax / E4M3_MAX  # [groups, 1, cols]
     payload = _quantize(x32, scales, finite).view(rows, cols)
-    return Encoded(payload, scales, int((~finite).sum()))
+    return Encoded(payload, scales, (~finite).sum())
 
 
 def decode(enc: Encoded, dtype: torch.dtype = torch.float32) -> torch.Tensor:

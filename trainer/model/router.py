@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from trainer.parallel.hostsync import counts_of
+
 
 @dataclass
 class Routing:
@@ -68,7 +70,7 @@ def capacity_keep(
     by_score = torch.sort(flat_scores, descending=True, stable=True).indices
     by_group = torch.sort(flat_group[by_score], stable=True).indices
     order = by_score[by_group]
-    group_sizes = torch.bincount(flat_group, minlength=groups)
+    group_sizes = counts_of(flat_group, groups)  # no host read (bincount reads the max)
     group_start = torch.cumsum(group_sizes, 0) - group_sizes
     position = torch.arange(order.numel(), device=order.device)
     rank_in_group = position - group_start[flat_group[order]]

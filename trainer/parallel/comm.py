@@ -22,6 +22,15 @@ not when it is waited for); exposed seconds are
 the time the compute thread spent blocked waiting. A synchronous call is all exposed; an
 asynchronous one (``async_op=True``) returns a :class:`Pending` whose
 ``wait()`` records only the blocked part, which is how overlap shows up.
+
+On a GPU the host does not block: NCCL runs every collective on its own
+stream beside the compute stream, and ``wait()`` only makes the compute stream
+wait for it. The times then come from CUDA events (``trainer.parallel.timing``):
+exposed seconds are how long the compute stream stood still at the wait (an
+event before it, one after), wall seconds NCCL's own measurement of the
+collective (``TORCH_NCCL_ENABLE_TIMING``, which the launcher sets), else issue to
+the end of the wait. They are read when the step ends (``CommStats.settle``,
+called by every reader of the totals), not in the hot path.
 """
 
 from __future__ import annotations
@@ -33,6 +42,8 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+from trainer.parallel.timing import Clock, seconds
 
 if TYPE_CHECKING:
     from trainer.parallel.dims import ParallelDims
@@ -67,12 +78,44 @@ class CommStats:
     tags: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     tag_exposed: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     tag_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    nonfinite: int = 0  # non-finite values the FP8 codec met (sent as NaN; the step skips)
+    # non-finite values the FP8 codec met (sent as NaN; the step skips): a device count
+    # summed without reading it, read by whoever reports it (int(stats.nonfinite))
+    nonfinite: torch.Tensor | int = 0
     entered: int = 0  # collectives this rank has entered, in order (hang detection)
     last_tag: str = ""  # the operator of the last one
+    # GPU collectives waited but not yet booked: [kind, tag, issue, blocked, done marks,
+    # NCCL work or its measured seconds] (settle() books them)
+    deferred: list[list] = field(default_factory=list)
+
+    def add(self, kind: str, tag: str, wall: float, exposed: float) -> None:
+        s = self.kinds[kind]
+        s.seconds += wall
+        s.exposed_seconds += exposed
+        self.tag_seconds[tag] += wall
+        self.tag_exposed[tag] += exposed
+
+    def harvest(self) -> None:
+        """Take NCCL's duration from the deferred works that have completed and drop the
+        works (so their tensors are not held past completion)."""
+        for entry in self.deferred:
+            work = entry[5]
+            if work is not None and not isinstance(work, float) and work.is_completed():
+                entry[5] = _nccl_seconds(work)
+
+    def settle(self) -> None:
+        """Book the deferred GPU collectives (waits for their events; a no-op on CPU)."""
+        self.harvest()
+        for kind, tag, start, blocked, done, measured in self.deferred:
+            exposed = seconds(blocked, done)
+            if not isinstance(measured, float):
+                measured = _nccl_seconds(measured) if measured is not None else None
+            wall = measured if measured is not None else seconds(start, done)
+            self.add(kind, tag, max(wall, exposed), exposed)
+        self.deferred.clear()
 
     def totals(self) -> tuple[float, float]:
         """(wall seconds, exposed seconds) over every kind."""
+        self.settle()
         kinds = self.kinds.values()
         return sum(k.seconds for k in kinds), sum(k.exposed_seconds for k in kinds)
 
@@ -82,6 +125,7 @@ class CommStats:
         return 1.0 - exposed / total if total else 0.0
 
     def to_dict(self) -> dict[str, dict[str, float]]:
+        self.settle()
         out = {}
         for kind, s in sorted(self.kinds.items()):
             out[kind] = vars(s).copy()
@@ -93,6 +137,15 @@ class CommStats:
 
 
 _IN_FLIGHT: list[Pending] = []  # this process's async handles not yet seen complete
+
+
+def _nccl_seconds(work) -> float | None:
+    """NCCL's own measurement of a completed collective (CUDA events around its kernel),
+    or None where timing is off or the backend has none."""
+    try:
+        return float(work._get_duration()) / 1000.0
+    except (RuntimeError, AttributeError):
+        return None
 
 
 def poll_in_flight() -> None:
@@ -114,7 +167,7 @@ class Pending:
         self.tag = tag
         self._done, self._result = False, None
         self._completed: float | None = None
-        if work is not None and hasattr(work, "is_completed"):
+        if work is not None and hasattr(work, "is_completed") and not comm.clock.gpu:
             _IN_FLIGHT.append(self)
 
     def poll(self, now: float) -> bool:
@@ -128,6 +181,8 @@ class Pending:
         if self._done:
             return self._result
         poll_in_flight()
+        if self.comm.clock.gpu:
+            return self._wait_gpu()
         # A synchronous call blocked the compute thread from its issue on.
         blocked = time.perf_counter() if self.work is not None else self.start
         if self.work is not None:
@@ -136,12 +191,20 @@ class Pending:
         if self in _IN_FLIGHT:  # hold no gloo work past its wait (nor past the group's end)
             _IN_FLIGHT.remove(self)
         self.work = None
-        stats = self.comm.stats.kinds[self.kind]
-        stats.exposed_seconds += done - blocked
-        self.comm.stats.tag_exposed[self.tag] += done - blocked
         end = done if self._completed is None else min(self._completed, done)
-        stats.seconds += end - self.start
-        self.comm.stats.tag_seconds[self.tag] += end - self.start
+        self.comm.stats.add(self.kind, self.tag, end - self.start, done - blocked)
+        self._done, self._result = True, self.finish() if self.finish else None
+        return self._result
+
+    def _wait_gpu(self):
+        """The compute stream waits for NCCL's stream (the host does not); events before
+        and after the wait measure how long it stood still, booked at settle()."""
+        clock, stats = self.comm.clock, self.comm.stats
+        blocked = self.start if self.work is None else clock.mark()
+        if self.work is not None:
+            self.work.wait()
+        stats.deferred.append([self.kind, self.tag, self.start, blocked, clock.mark(), self.work])
+        self.work = None
         self._done, self._result = True, self.finish() if self.finish else None
         return self._result
 
@@ -221,6 +284,7 @@ class Comm:
     ) -> None:
         self.group, self.rank, self.size = group, rank, size
         self.device = device or torch.device("cpu")
+        self.clock = Clock(self.device)  # host clock on CPU, CUDA events on a GPU
         self.stats = stats if stats is not None else CommStats()  # shared by a rank's Comms
 
     def _book(self, kind: str, tag: str, nbytes: int, *tensors: torch.Tensor) -> float:
@@ -231,13 +295,15 @@ class Comm:
                     f"backend ({self._backend()}) serves {self.device.type} tensors"
                 )
         poll_in_flight()
+        if self.stats.deferred:
+            self.stats.harvest()
         s = self.stats.kinds[kind]
         s.calls += 1
         s.bytes += nbytes
         self.stats.tags[tag] += nbytes
         self.stats.entered += 1
         self.stats.last_tag = tag
-        return time.perf_counter()
+        return self.clock.mark()
 
     def _backend(self) -> str:
         try:

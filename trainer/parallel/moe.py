@@ -32,8 +32,14 @@ import torch
 from trainer.model.router import capacity_keep, group_capacity
 from trainer.parallel.comm import DoneHandle, JoinedHandle, PiecesOneAhead, issuer
 from trainer.parallel.fp8comm import all_gather_fp8, all_to_all_fp8, reduce_scatter_fp8
+from trainer.parallel.hostsync import counts_of, host_ints
 from trainer.parallel.ops import grouped_bwd_data, grouped_bwd_weights, grouped_fwd, segments_of
-from trainer.parallel.pairs import ag_grouped_gemm_rs, ag_grouped_gemm_rs_bwd, rows_bwd_data
+from trainer.parallel.pairs import (
+    ag_grouped_gemm_rs,
+    ag_grouped_gemm_rs_bwd,
+    rows_bwd_data,
+    select_rows,
+)
 
 # ---------------------------------------------------------------- router
 
@@ -55,7 +61,7 @@ def router_fwd(ctx, x2, router_w):
 def balance_issue(ctx, probs, ids):
     """Start the all-reduce of per-expert selection counts and score sums (2E floats)."""
     E = ctx.experts
-    stats = torch.cat([torch.bincount(ids.reshape(-1), minlength=E).float(), probs.sum(0)])
+    stats = torch.cat([counts_of(ids, E).float(), probs.sum(0)])
     return ctx.issue(ctx.comm.all_reduce, stats, "router_stats")
 
 
@@ -108,17 +114,26 @@ def a2a_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved, side=None):
     # Send order: piece, then expert (= destination rank, then its local expert).
     key = piece_of_slot * E + flat_e
     slot_order = torch.sort(key, stable=True).indices
-    counts_KNE = torch.bincount(key, minlength=K * E).view(K, n, El)
+    counts_KNE = counts_of(key, K * E).view(K, n, El)
     send_counts = counts_KNE.transpose(0, 1).reshape(n, K * El)
-    recv_counts = ctx.comm.all_to_all(send_counts, None, None, "ep_counts").view(n, K, El)
+    recv_counts = ctx.comm.all_to_all(send_counts, None, None, "ep_counts")
+    # The layer's one host read: every split size of every piece, both directions.
+    sizes = host_ints(torch.cat([counts_KNE.reshape(-1), recv_counts.reshape(-1)]))
+    send_KN = [
+        [sum(sizes[(c * n + r) * El : (c * n + r + 1) * El]) for r in range(n)] for c in range(K)
+    ]
+    recv_NKE = [
+        [sizes[K * E + (r * K + c) * El : K * E + (r * K + c + 1) * El] for c in range(K)]
+        for r in range(n)
+    ]
     token_of = slot_order // k
-    send_KN = counts_KNE.sum(-1)
-    pieces = _pieces(send_KN, recv_counts, slot_order)
+    pieces = _pieces(send_KN, recv_NKE, x2.device)
     # float64 carries the global slot index exactly (float32 would stop at 2**24).
     slots = ctx.global_slots(T_l, k).to(device=x2.device, dtype=torch.float64)
     meta = torch.stack([gates.reshape(-1).double(), scores.reshape(-1).double(), slots], dim=1)
-    send_major = _rank_major(send_KN.T)  # piece-major <-> rank-major
-    recv_major = _rank_major(recv_counts.sum(-1))
+    # piece-major <-> rank-major
+    send_major = _rank_major([[send_KN[c][r] for c in range(K)] for r in range(n)], x2.device)
+    recv_major = _rank_major([[sum(row) for row in per_rank] for per_rank in recv_NKE], x2.device)
     meta_send = _to_rank_major(meta[slot_order], send_major)
     meta_handle = issue(ctx.comm.all_to_all, meta_send, *_totals(pieces), "ep_meta")
     xs = PiecesOneAhead(
@@ -126,15 +141,9 @@ def a2a_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved, side=None):
     )
     side_out = side() if side else None
     recv_meta = meta_handle.wait()[recv_major]  # piece-major, like the pieces' rows
-    # Capacity needs every assignment to this device group: decided once, over all pieces.
-    keep = _receiver_keep(ctx, recv_meta, T_l * n, k).split([p["rows"] for p in pieces])
+    _order_received(ctx, pieces, recv_NKE, recv_meta, T_l * n, k)
     backs, fc1s, fc3s, gss = [], [], [], []
     for c, p in enumerate(pieces):
-        local_e = torch.arange(El, device=x2.device).repeat(n)
-        local_e = local_e.repeat_interleave(recv_counts[:, c].flatten())
-        kept = keep[c].nonzero().squeeze(-1)
-        p["perm"] = kept[torch.sort(local_e[kept], stable=True).indices]
-        p["segments"] = segments_of(torch.bincount(local_e[p["perm"]], minlength=El).tolist())
         recv_meta_c = recv_meta[p["offset"] : p["offset"] + p["rows"]]
         gs = recv_meta_c[p["perm"], 0].float()
         recv_x = xs.wait(c)
@@ -156,7 +165,7 @@ def a2a_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved, side=None):
         send_major=send_major,
         recv_major=recv_major,
     )
-    saved["dropped"] = sum(p["rows"] - p["perm"].numel() for p in pieces)
+    saved["dropped"] = sum(p["rows"] - p["kept"] for p in pieces)
     combined = JoinedHandle(backs, lambda rows: _gather_slots(torch.cat(rows), slot_order, T_l, k))
     return combined, side_out
 
@@ -167,14 +176,15 @@ def _dispatch(ctx, issue, rows, splits, tag="ep_dispatch"):
     return issue(ctx.comm.all_to_all, rows, *splits, tag)
 
 
-def _pieces(send_KN, recv_NKE, slot_order):
-    """Per piece: its rows in send order (positions in ``slot_order``), splits, received rows."""
+def _pieces(send_KN, recv_NKE, device):
+    """Per piece: its rows in send order (positions in ``slot_order``), splits, received rows.
+
+    ``send_KN[c][r]`` and ``recv_NKE[r][c][e]`` are host lists (the layer's one read)."""
     pieces, sent, offset = [], 0, 0
-    for c in range(send_KN.shape[0]):
-        in_splits = send_KN[c].tolist()
-        out_splits = recv_NKE[:, c].sum(-1).tolist()
+    for c, in_splits in enumerate(send_KN):
+        out_splits = [sum(per_rank[c]) for per_rank in recv_NKE]
         rows = sum(out_splits)
-        send = torch.arange(sent, sent + sum(in_splits), device=slot_order.device)
+        send = torch.arange(sent, sent + sum(in_splits), device=device)
         pieces.append(
             {"send": send, "splits": (in_splits, out_splits), "rows": rows, "offset": offset}
         )
@@ -190,21 +200,25 @@ def _totals(pieces):
     return ins, outs
 
 
-def _rank_major(counts_NK: torch.Tensor) -> torch.Tensor:
+def _blocks(ranges, device) -> torch.Tensor:
+    """The row indices of consecutive (start, count) blocks, built on the host."""
+    parts = [torch.arange(start, start + count) for start, count in ranges]
+    return (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)).to(device)
+
+
+def _rank_major(counts_NK: list[list[int]], device) -> torch.Tensor:
     """Index that reads rank-major rows (rank, then piece) in piece-major order.
 
-    ``counts_NK[r, c]``: rows of piece c exchanged with rank r. One all-to-all over all
+    ``counts_NK[r][c]``: rows of piece c exchanged with rank r. One all-to-all over all
     pieces is rank-major on both sides; the pieces' own all-to-alls are piece-major.
     """
-    n, K = counts_NK.shape
-    flat = counts_NK.flatten()
-    starts = torch.cumsum(flat, 0) - flat  # rank-major block offsets
-    blocks = [
-        torch.arange(int(starts[r * K + c]), int(starts[r * K + c] + flat[r * K + c]))
-        for c in range(K)
-        for r in range(n)
-    ]
-    return torch.cat(blocks).to(counts_NK.device)
+    starts, at = {}, 0
+    for r, per_piece in enumerate(counts_NK):
+        for c, count in enumerate(per_piece):
+            starts[r, c], at = at, at + count
+    K = len(counts_NK[0]) if counts_NK else 0
+    order = [(c, r) for c in range(K) for r in range(len(counts_NK))]
+    return _blocks([(starts[r, c], counts_NK[r][c]) for c, r in order], device)
 
 
 def _to_rank_major(rows_piece_major: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -219,13 +233,57 @@ def _gather_slots(rows_AH, slot_order, T_l, k):
     return out.view(T_l, k, -1).sum(1)
 
 
+def _order_received(ctx, pieces, recv_NKE, recv_meta, tokens, k):
+    """Each piece's kept rows sorted by local expert (``perm``), their per-expert
+    ``segments`` and count ``kept``.
+
+    A piece's rows arrive by source rank, then local expert, with counts the host knows
+    already, so the sorted order is a list of blocks. Capacity (the receiver's rule,
+    decided once over all pieces: it needs every assignment to this device group) is the
+    only case that reads the host again: how many rows of each expert were kept.
+    """
+    n, K, El = len(recv_NKE), len(pieces), ctx.experts // ctx.n
+    keep = _receiver_keep(ctx, recv_meta, tokens, k)
+    device = recv_meta.device
+    if keep is None:  # dropless, or capacity not reached: every row stays
+        for c, p in enumerate(pieces):
+            start, at = {}, 0
+            for r in range(n):
+                for e in range(El):
+                    start[r, e], at = at, at + recv_NKE[r][c][e]
+            blocks = [(start[r, e], recv_NKE[r][c][e]) for e in range(El) for r in range(n)]
+            p["perm"] = _blocks(blocks, device)
+            p["segments"] = segments_of(
+                [sum(recv_NKE[r][c][e] for r in range(n)) for e in range(El)]
+            )
+            p["kept"] = p["rows"]
+        return
+    keeps = keep.split([p["rows"] for p in pieces])
+    orders, counts = [], []
+    for c in range(K):
+        local_e = torch.cat(
+            [torch.full((recv_NKE[r][c][e],), e) for r in range(n) for e in range(El)]
+        ).to(device)
+        # dropped rows sort behind every expert (key El) and are cut off below
+        key = torch.where(keeps[c], local_e, El)
+        orders.append(torch.sort(key, stable=True).indices)
+        counts.append(counts_of(key, El + 1)[:El])
+    kept = host_ints(torch.stack(counts))
+    for c, p in enumerate(pieces):
+        per_expert = kept[c * El : (c + 1) * El]
+        p["kept"] = sum(per_expert)
+        p["perm"] = orders[c][: p["kept"]]
+        p["segments"] = segments_of(per_expert)
+
+
 def _receiver_keep(ctx, recv_meta, tokens, k):
-    """Capacity on the receiving rank: best scores first, ties by global slot index."""
+    """Capacity on the receiving rank: best scores first, ties by global slot index.
+    None when every row is kept (dropless, or fewer rows than the capacity)."""
     rows = recv_meta.shape[0]
     capacity = group_capacity(tokens, k, ctx.n, ctx.capacity_factor)
-    keep = torch.ones(rows, dtype=torch.bool, device=recv_meta.device)
     if capacity <= 0 or rows <= capacity:
-        return keep
+        return None
+    keep = torch.ones(rows, dtype=torch.bool, device=recv_meta.device)
     by_slot = torch.sort(recv_meta[:, 2], stable=True).indices
     order = by_slot[torch.sort(recv_meta[by_slot, 1], descending=True, stable=True).indices]
     keep[order[capacity:]] = False
@@ -300,19 +358,20 @@ def gathered_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved, side=None):
     else:
         mine, first = keep & (ids_all // El == ctx.rank), ctx.rank * El
     owner = ids_all // El == ctx.rank  # drops are counted by the rank owning the group
-    saved["dropped"] = int((~keep & owner).sum())
+    dropped = (~keep & owner).sum().view(1)
     if chunked:
         out, piece_saved = ag_grouped_gemm_rs(
-            ctx, x2, mine, gs_all[..., 0], ids_all, first, w1, w3, w2, ctx.chunks
+            ctx, x2, mine, gs_all[..., 0], ids_all, first, w1, w3, w2, ctx.chunks, dropped
         )
         saved.update(piece_saved)
         return DoneHandle(out), side_out
+    # The layer's one host read: the rows of each local expert (and the drop count).
+    order, counts_d = select_rows(mine.reshape(-1), ids_all.reshape(-1) - first, w1.shape[0])
+    sizes = host_ints(torch.cat([counts_d, dropped]))
+    counts, saved["dropped"] = sizes[:-1], sizes[-1]
     x_all = x_handle.wait()
-    slots = mine.reshape(-1).nonzero().squeeze(-1)
-    slot_sel = slots[torch.sort(ids_all.reshape(-1)[slots], stable=True).indices]
+    slot_sel = order[: sum(counts)]
     tokens = slot_sel // k
-    local_e = ids_all.reshape(-1)[slot_sel] - first
-    counts = torch.bincount(local_e, minlength=w1.shape[0]).tolist()
     gs = gs_all[..., 0].reshape(-1)[slot_sel]
     ys, fc1, fc3 = grouped_fwd(
         x_all[tokens], gs, segments_of(counts), w1, w3, w2, ctx.fp8, ctx.expert_gemm

@@ -49,6 +49,7 @@ import torch
 
 from trainer.parallel.comm import JoinedHandle, PiecesOneAhead, issuer
 from trainer.parallel.fp8comm import all_gather_fp8, reduce_scatter_fp8
+from trainer.parallel.hostsync import counts_of, host_ints
 from trainer.parallel.ops import grouped_bwd_data, grouped_bwd_weights, grouped_fwd, rope
 
 
@@ -141,24 +142,40 @@ def piece_rows_index(n: int, T_l: int, c: int, Tc: int, device) -> torch.Tensor:
     return (ranks + c * Tc + torch.arange(Tc, device=device)[None, :]).reshape(-1)
 
 
-def ag_grouped_gemm_rs(ctx, x2, mine, gs_all, ids_all, first, w1, w3, w2, chunks: int):
+def select_rows(mine: torch.Tensor, local_e: torch.Tensor, experts: int):
+    """Slots this rank computes, sorted by local expert (then slot), without a host read.
+
+    Returns (order, counts): ``order[: sum(counts)]`` are the selected positions of
+    ``mine``, ``counts`` [experts] (on the device) how many each expert receives; the
+    unselected positions sort behind them."""
+    key = torch.where(mine, local_e, experts)
+    return torch.sort(key, stable=True).indices, counts_of(key, experts + 1)[:experts]
+
+
+def ag_grouped_gemm_rs(ctx, x2, mine, gs_all, ids_all, first, w1, w3, w2, chunks: int, dropped):
     """Gathered-FFN forward in pieces of local tokens.
 
     ``mine`` [n T_l, k]: the (token, slot) pairs this rank computes (in all-gather
-    order: source rank, then local token); ``gs_all`` their gate weights.
+    order: source rank, then local token); ``gs_all`` their gate weights; ``dropped``
+    the drop count on the device, read with the pieces' sizes in the one host read.
     Returns (out [T_l, H], saved dict for ``moe.gathered_backward``).
     """
     T_l, H = x2.shape
     n, k, Tc = ctx.n, ctx.topk, T_l // chunks
     gathers = gather_pieces(ctx, x2, chunks)
     flat_ids, flat_gs = ids_all.reshape(-1), gs_all.reshape(-1)
-    outs, sel, toks, gates, segs, fc1s, fc3s, piece_rows = [], [], [], [], [], [], [], []
+    experts, plans = w1.shape[0], []
     for c in range(chunks):
         rows = piece_rows_index(n, T_l, c, Tc, mine.device)
-        slots = mine[rows].reshape(-1).nonzero().squeeze(-1)  # within-piece (row, slot)
-        slots = slots[torch.sort(flat_ids[(rows[slots // k] * k + slots % k)], stable=True).indices]
-        global_slots = rows[slots // k] * k + slots % k
-        counts = torch.bincount(flat_ids[global_slots] - first, minlength=w1.shape[0]).tolist()
+        in_piece = (rows[:, None] * k + torch.arange(k, device=mine.device)).reshape(-1)
+        order, counts_d = select_rows(mine[rows].reshape(-1), flat_ids[in_piece] - first, experts)
+        plans.append((rows, in_piece, order, counts_d))
+    sizes = host_ints(torch.cat([plan[3] for plan in plans] + [dropped]))
+    outs, sel, toks, gates, segs, fc1s, fc3s, piece_rows = [], [], [], [], [], [], [], []
+    for c, (rows, in_piece, order, _) in enumerate(plans):
+        counts = sizes[c * experts : (c + 1) * experts]
+        slots = order[: sum(counts)]  # within-piece (row, slot), by local expert
+        global_slots = in_piece[slots]
         x_c = gathers.wait(c)
         g_c = flat_gs[global_slots]
         ys, fc1, fc3 = grouped_fwd(
@@ -169,7 +186,7 @@ def ag_grouped_gemm_rs(ctx, x2, mine, gs_all, ids_all, first, w1, w3, w2, chunks
             outs.append(reduce_scatter_fp8(ctx, full, "ffn_rs"))
         else:
             outs.append(ctx.comm.reduce_scatter(full, "ffn_rs", async_op=True))
-        piece_rows.append(slots.numel())
+        piece_rows.append(sum(counts))
         sel.append(global_slots)
         toks.append(rows[slots // k])
         gates.append(g_c)
@@ -185,6 +202,7 @@ def ag_grouped_gemm_rs(ctx, x2, mine, gs_all, ids_all, first, w1, w3, w2, chunks
         "gs": torch.cat(gates),
         "segments": segs,
         "piece_rows": piece_rows,
+        "dropped": sizes[-1],
     }
     return out, saved
 

@@ -22,12 +22,14 @@ lines exposes directly.
 
 The bubble is measured per stage as 1 - (seconds computing) / (the pipeline's
 makespan: the longest schedule time of any rank this step), averaged over
-ranks; the theory for equal stages is (P - 1) / (M + P - 1).
+ranks; the theory for equal stages is (P - 1) / (M + P - 1). Both times are
+marks of ``trainer.parallel.timing.Clock``: CUDA events on a GPU (a host clock
+there would time the launches), read after the step. The losses stay on the
+device until then too: no host read between micro-batches.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -35,18 +37,29 @@ import torch
 from trainer.config import Config
 from trainer.parallel.comm import Comm
 from trainer.parallel.model import ParallelMoE
+from trainer.parallel.timing import Clock, seconds, total_seconds
 
 
 @dataclass
 class PipelineTimes:
-    compute_s: float = 0.0  # forward and backward work, collectives inside a stage included
-    total_s: float = 0.0  # from the schedule's start to its last send completing
+    compute: list = field(default_factory=list)  # (start, end) marks of forward/backward work
+    span: tuple | None = None  # marks: the schedule's start, its last send completing
+
+    @property
+    def compute_s(self) -> float:
+        """Forward and backward work, collectives inside a stage included."""
+        return total_seconds(self.compute)
+
+    @property
+    def total_s(self) -> float:
+        """From the schedule's start to its last send completing."""
+        return seconds(*self.span) if self.span else 0.0
 
 
 @dataclass
 class PipelineResult:
-    loss: float = 0.0  # this rank's share of the scaled LM loss
-    balance: float = 0.0  # this rank's scaled balance loss
+    loss: torch.Tensor | float = 0.0  # this rank's share of the scaled LM loss (on the device)
+    balance: torch.Tensor | float = 0.0  # this rank's scaled balance loss (on the device)
     dropped: int = 0
     expert_counts: torch.Tensor | None = None  # this stage's layers, its group's tokens
     times: PipelineTimes = field(default_factory=PipelineTimes)
@@ -63,6 +76,7 @@ class StageRunner:
         self, model: ParallelMoE, cfg: Config, pp_comm: Comm, peers, on_last_backward=None
     ) -> None:
         self.model, self.cfg, self.pp = model, cfg, pp_comm
+        self.clock = Clock(next(model.parameters()).device)
         self.on_last_backward = on_last_backward  # e.g. ZeroOptimizer.arm: DP buckets overlap
         self.prev_rank, self.next_rank = peers  # global ranks of neighbouring stages (or None)
         self.autocast = torch.autocast(
@@ -79,7 +93,7 @@ class StageRunner:
         M = len(micro_batches)
         warmup = min(stages - stage - 1, M)
         res, saved, sends = PipelineResult(), {}, []
-        start = time.perf_counter()
+        start = self.clock.mark()
         order = [("F", i) for i in range(warmup)]
         for i in range(M - warmup):
             order += [("F", warmup + i), ("B", i)]
@@ -93,7 +107,7 @@ class StageRunner:
                 self._backward(saved.pop(i), micro_batches[i], res, sends)
         for pending in sends:
             pending.wait()
-        res.times.total_s = time.perf_counter() - start
+        res.times.span = (start, self.clock.mark())
         return res
 
     def _forward(self, batch, scale, res, sends):
@@ -102,18 +116,18 @@ class StageRunner:
         if not self.model.first:
             x = self.pp.recv(self._act_shape(inputs), torch.float32, self.prev_rank, "pp_act")
             x.requires_grad_(True)
-        t0 = time.perf_counter()
+        t0 = self.clock.mark()
         with self.autocast:
             out, bal, stats = self.model(x)
             loss = self.model.local_loss(out, targets) if self.model.last else None
-        res.times.compute_s += time.perf_counter() - t0
-        res.balance += bal.item() * scale
+        res.times.compute.append((t0, self.clock.mark()))
+        res.balance = res.balance + bal.detach().double() * scale
         res.dropped += stats["dropped"]
         if stats.get("expert_counts") is not None:
             c = stats["expert_counts"]
             res.expert_counts = c if res.expert_counts is None else res.expert_counts + c
         if loss is not None:
-            res.loss += loss.item() * scale
+            res.loss = res.loss + loss.detach().double() * scale
         else:
             sends.append(self.pp.send(out.detach().float(), self.next_rank, "pp_act"))
         return x, out, bal, loss, scale
@@ -123,11 +137,11 @@ class StageRunner:
         grad = None
         if not self.model.last:
             grad = self.pp.recv(out.shape, torch.float32, self.next_rank, "pp_grad")
-        t0 = time.perf_counter()
+        t0 = self.clock.mark()
         if loss is not None:
             ((loss + bal) * scale).backward()
         else:
             torch.autograd.backward([out, bal * scale], [grad.to(out.dtype), None])
-        res.times.compute_s += time.perf_counter() - t0
+        res.times.compute.append((t0, self.clock.mark()))
         if not self.model.first:
             sends.append(self.pp.send(x.grad, self.prev_rank, "pp_grad"))

@@ -36,7 +36,7 @@ def step_totals(res, bubble: float, cfg: Config, device: torch.device) -> torch.
     scalars = [res.loss, res.balance / cfg.parallel.n, float(res.dropped), bubble]
     return torch.cat(
         [
-            torch.tensor(scalars, dtype=torch.float64, device=device),
+            torch.stack([torch.as_tensor(x, dtype=torch.float64, device=device) for x in scalars]),
             counts.to(device=device, dtype=torch.float64) / cfg.parallel.n,
         ]
     )

@@ -1,4 +1,5 @@
-"""``megamoe plan``: predictions for both systems, or a layout search, as a table or JSON."""
+"""``megamoe plan``: predictions for both systems and for the config as written, or a layout
+search, as a table or JSON."""
 
 from __future__ import annotations
 
@@ -47,6 +48,12 @@ def compare(cfg: Config, hw: Hardware, gpus: int, global_batch: int) -> dict[str
     }
 
 
+def as_written(cfg: Config, hw: Hardware, gpus: int, global_batch: int) -> Prediction:
+    """The config exactly as written (``layout.from_config``) on ``gpus`` GPUs."""
+    check_group(cfg, hw)
+    return predict(cfg, hw, layouts.from_config(cfg, gpus, global_batch), global_batch, "config")
+
+
 def run_plan(args: argparse.Namespace) -> int:
     cfg = config.load(args.config, args.overrides)
     hw = hardware_profile(args.gpu)
@@ -62,7 +69,7 @@ def run_plan(args: argparse.Namespace) -> int:
         else:
             print(_search_text(cfg, args.config, hw, args.gpus, batch, result, baseline))
         return 0
-    preds = compare(cfg, hw, args.gpus, batch)
+    preds = {**compare(cfg, hw, args.gpus, batch), "config": as_written(cfg, hw, args.gpus, batch)}
     if args.json:
         print(json.dumps({name: p.to_dict() for name, p in preds.items()}, indent=1))
     else:
@@ -91,8 +98,9 @@ def _header(cfg: Config, path: str, hw: Hardware, gpus: int, batch: int) -> str:
 
 def _rows(p: Prediction) -> dict[str, str]:
     lay = p.layout
+    v = f" v{lay.virtual_stages}" if lay.virtual_stages > 1 else ""
     return {
-        "layout": f"n{lay.n} pp{lay.pp} dp{lay.dp} b{lay.micro_batch}",
+        "layout": f"n{lay.n} pp{lay.pp}{v} dp{lay.dp} b{lay.micro_batch}",
         "attention / ffn": f"{lay.attention} / {lay.ffn}",
         "overlap": ("inter-op" if lay.overlap else "none")
         + (f" + {lay.chunks} chunks" if lay.chunks > 1 else ""),
@@ -111,13 +119,38 @@ def _rows(p: Prediction) -> dict[str, str]:
 def _compare_text(
     cfg: Config, path: str, hw: Hardware, gpus: int, batch: int, preds: dict[str, Prediction]
 ) -> str:
-    a, b = _rows(preds["megamoe"]), _rows(preds["megatron"])
-    width = max(len(k) for k in a) + 2
-    lines = [_header(cfg, path, hw, gpus, batch), ""]
-    lines.append(f"{'':{width}}{'megamoe':<26}megatron")
-    lines += [f"{k:{width}}{a[k]:<26}{b[k]}" for k in a]
-    speedup = preds["megamoe"].tokens_per_s / preds["megatron"].tokens_per_s
-    lines += ["", f"speed-up megamoe / megatron: {speedup:.2f}x"]
+    rows = {name: _rows(p) for name, p in preds.items()}
+    names = list(rows)
+    keys = rows[names[0]]
+    width = max(len(k) for k in keys) + 2
+    cols = [max(len(name), *(len(v) for v in rows[name].values())) + 2 for name in names]
+
+    def line(label: str, cells: list[str]) -> str:
+        return (
+            f"{label:{width}}"
+            + "".join(f"{c:<{w}}" for c, w in zip(cells, cols, strict=True)).rstrip()
+        )
+
+    lines = [_header(cfg, path, hw, gpus, batch), "", line("", names)]
+    lines += [line(k, [rows[name][k] for name in names]) for k in keys]
+    tps = {name: p.tokens_per_s for name, p in preds.items()}
+    lines += ["", f"speed-up megamoe / megatron: {tps['megamoe'] / tps['megatron']:.2f}x"]
+    lines.append(
+        f"config as written: {tps['config'] / tps['megamoe']:.2f}x megamoe, "
+        f"{tps['config'] / tps['megatron']:.2f}x megatron"
+    )
+    planned_dp = preds["config"].layout.dp
+    if planned_dp != cfg.parallel.dp:
+        lines.append(
+            f"note: the config's parallel.dp = {cfg.parallel.dp} makes "
+            f"{cfg.parallel.world} GPUs; on {gpus} the config column runs dp = {planned_dp}"
+        )
+    if not cfg.train.micro_batch:
+        lines.append(
+            f"note: train.micro_batch = 0 runs global batch / dp = "
+            f"{preds['config'].layout.micro_batch} sequences per micro-batch "
+            "(the presets run 1; --set train.micro_batch=1 to compare)"
+        )
     return "\n".join(lines)
 
 

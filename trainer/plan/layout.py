@@ -21,7 +21,14 @@ pipeline sends are asynchronous. Two presets name the systems compared:
   state - 74.8 of 80 GiB for Internal-352B at 240 GPUs - so its recipes for
   large MoE models recompute whole layers).
 
-``trainer_layout`` is a third: what ``megamoe train`` runs for a config
+``from_config`` is the config as written (the ``config`` column of ``megamoe
+plan``): its n, pp, dp, virtual stages, micro-batch, attention and FFN modes,
+overlap, chunks, gradient sync and FP8, with the method's fixed parts (the
+paper's kernels, SAR, asynchronous pipeline sends, replicated embedding and LM
+head) and DP/PP synchronisation overlapped exactly when ``comm.overlap`` is on.
+A config that sets everything as the ``megamoe`` preset does predicts the same.
+
+``trainer_layout`` is what ``megamoe train`` runs for a config
 (``implementation="trainer"``), which bench/calibrate.py predicts.
 """
 
@@ -30,7 +37,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from trainer.config import Config, resolve_ffn
+from trainer.config import Config, apply_overrides, resolve_ffn
 from trainer.errors import ConfigError
 
 RECOMPUTE = ("sar", "full", "none")
@@ -57,6 +64,7 @@ class Layout:
     # forward and backward; FP8 on dispatch/combine, forward reductions and gradient
     # all-gathers)
     implementation: str = "ideal"
+    virtual_stages: int = 1  # interleaved 1F1B: layer chunks per pipeline rank
 
     @property
     def gpus(self) -> int:
@@ -66,8 +74,9 @@ class Layout:
         over = "overlap" if self.overlap else "no overlap"
         if self.chunks > 1:
             over += f", {self.chunks} chunks"
+        v = f" v={self.virtual_stages}" if self.virtual_stages > 1 else ""
         return (
-            f"n={self.n} pp={self.pp} dp={self.dp} b={self.micro_batch} "
+            f"n={self.n} pp={self.pp}{v} dp={self.dp} b={self.micro_batch} "
             f"{self.attention}+{self.ffn}, {over}, {self.grad_sync}, recompute={self.recompute}"
             + (", fp8" if self.fp8 else "")
         )
@@ -80,6 +89,7 @@ class Layout:
         return [
             f"parallel.n={self.n}",
             f"parallel.pp={self.pp}",
+            f"parallel.virtual_stages={self.virtual_stages}",
             f"parallel.dp={self.dp}",
             f"parallel.attention={self.attention}",
             f"parallel.ffn={self.ffn}",
@@ -101,6 +111,45 @@ def dp_for(cfg: Config, gpus: int, n: int, pp: int) -> int:
             "(try --search for a layout that fits)"
         )
     return gpus // group
+
+
+def planned_config(cfg: Config, gpus: int, global_batch: int) -> Config:
+    """``cfg`` on ``gpus`` GPUs with ``global_batch`` sequences, validated again.
+
+    Every key is taken as written except parallel.dp when n * pp * dp does not make
+    ``gpus``: then dp = GPUs / (n * pp), as the presets do (the table says so), and a
+    cluster that is not a whole number of n x pp groups is a ConfigError."""
+    p = cfg.parallel
+    overrides = []
+    if global_batch != cfg.train.global_batch:
+        overrides.append(f"train.global_batch={global_batch}")
+    if p.world != gpus:
+        overrides.append(f"parallel.dp={dp_for(cfg, gpus, p.n, p.pp)}")
+    return apply_overrides(cfg, overrides) if overrides else cfg
+
+
+def from_config(cfg: Config, gpus: int, global_batch: int) -> Layout:
+    """The config as written on ``gpus`` GPUs (``planned_config``), with the method's
+    fixed parts; the DP/PP synchronisation overlaps when ``comm.overlap`` is on."""
+    cfg = planned_config(cfg, gpus, global_batch)
+    p, c = cfg.parallel, cfg.comm
+    return Layout(
+        n=p.n,
+        pp=p.pp,
+        dp=p.dp,
+        micro_batch=cfg.micro_batch_size,
+        attention=p.attention,
+        ffn=cfg.ffn_mode,
+        overlap=c.overlap,
+        chunks=c.chunks,
+        grad_sync=c.grad_sync,
+        fp8=c.fp8,
+        recompute="sar",
+        dp_overlap=c.overlap,
+        pp_async=True,
+        vocab_parallel=False,
+        virtual_stages=p.virtual_stages,
+    )
 
 
 def megamoe(cfg: Config, gpus: int, global_batch: int) -> Layout:
@@ -162,6 +211,7 @@ def trainer_layout(cfg: Config) -> Layout:
         pp_async=True,
         vocab_parallel=False,
         implementation="trainer",
+        virtual_stages=p.virtual_stages,
     )
 
 

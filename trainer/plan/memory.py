@@ -14,7 +14,8 @@ Memory on the busiest GPU of a pipeline stage:
   ZeRO-1 optimizer shards: FP32 master + Adam m and v (12 B) over dp for
   sharded parameters and over n x dp for replicated ones.
 * activations kept for backward, per layer and in-flight micro-batch
-  (1F1B: stage s holds min(P - s, M) micro-batches): SAR keeps
+  (1F1B: stage s holds min(P - s, M) micro-batches; interleaved with v
+  virtual stages, the first stage P + (P - 1)/v, see ``in_flight``): SAR keeps
   ``(2kf + 4 + 2/m) bsh/n`` (+ 2 f_shared bsh/n per shared expert); storing
   everything costs ``(2n + 2k + 3kf + 12 + 5/m) bsh/n`` (+ (2 + 3 f_shared)
   bsh/n per shared expert); full recomputation keeps the layer input bsh/n.
@@ -135,6 +136,20 @@ def activation_elements_per_layer(model: ModelConfig, layout: Layout) -> float:
     return full if layout.recompute == "none" else unit
 
 
+def in_flight(layout: Layout, micro_batches: int, stage: int) -> float:
+    """Micro-batches whose activations stage ``stage`` holds at its peak.
+
+    1F1B: P - s. Interleaved (v > 1, Megatron-LM's schedule): rank s runs
+    (v - 1) P + 2 (P - 1 - s) chunk forwards before its first backward and one more
+    in the steady state, each chunk 1/v of its layers - for the first stage
+    P + (P - 1)/v micro-batches' worth."""
+    P, v = layout.pp, layout.virtual_stages
+    if v == 1:
+        return min(P - stage, micro_batches)
+    chunks = (v - 1) * P + 2 * (P - 1 - stage) + 1
+    return min(chunks, v * micro_batches) / v
+
+
 def memory_per_gpu(
     model: ModelConfig, layout: Layout, hw: Hardware, dtype: str, micro_batches: int
 ) -> Memory:
@@ -151,9 +166,9 @@ def _stage_memory(
     params = stage_params(model, layout, stage)
     unit = act_bytes(dtype)
     weight_bytes, state_bytes = (2, 12) if dtype == "bf16" else (4, 8)
-    in_flight = min(layout.pp - stage, micro_batches)
     per_layer = activation_elements_per_layer(model, layout) * unit
-    activations = layers_of(model, layout, stage) * in_flight * per_layer
+    held = in_flight(layout, micro_batches, stage)
+    activations = layers_of(model, layout, stage) * held * per_layer
     b, s, h, n = layout.micro_batch, model.seq_len, model.hidden, layout.n
     m, k, f = model.gqa_ratio, model.topk, model.ffn_hidden / model.hidden
     workspace = volumes.full_retained(b, s, h, n, m, k, f) * unit

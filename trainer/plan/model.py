@@ -7,11 +7,15 @@ stage sets the slot (the last stage also runs the LM head and loss), so
     iteration = (M + P - 1) * slot + exposed DP sync + optimizer step
     bubble share = (P - 1) / (M + P - 1)
 
+Interleaved 1F1B (v virtual stages: each rank holds v non-adjacent chunks of
+L / (P v) layers) fills and drains the pipeline in chunk slots of slot / v,
+so the bubble shrinks v-fold: (P - 1) slot / v, a share (P - 1) / (v M + P - 1).
+
 A slot is the stage's layers (compute + what their overlap leaves exposed,
 ``trainer.plan.layer``) plus, when pipeline sends are synchronous, one send
-of the boundary activation forward and one of its gradient backward
-([b, s/n, h] per GPU; NVLink when the pipeline group fits in a node, else
-the NIC). Asynchronous sends hide behind the slot.
+of the boundary activation forward and one of its gradient backward per
+chunk - 2v sends ([b, s/n, h] per GPU; NVLink when the pipeline group fits in
+a node, else the NIC). Asynchronous sends hide behind the slot.
 
 DP synchronisation (ZeRO-1): after the last backward, gradients are
 reduce-scattered over dp (FP32, or BF16 all-to-all + local FP32 sum: half the
@@ -147,7 +151,8 @@ def _link(hw: Hardware, group_span: int) -> float:
     return hw.nic_bw * eff.nic
 
 
-def _pp_send_seconds(model: ModelConfig, layout: Layout, hw: Hardware, dtype: str) -> float:
+def pp_send_seconds(model: ModelConfig, layout: Layout, hw: Hardware, dtype: str) -> float:
+    """One point-to-point send of a micro-batch's boundary activation (or its gradient)."""
     if layout.pp == 1:
         return 0.0
     nbytes = layout.micro_batch * model.seq_len / layout.n * model.hidden * act_bytes(dtype)
@@ -166,7 +171,8 @@ def _stage_slot(
     comm += ((stage == 0) + (stage == layout.pp - 1)) * _vocab_comm_seconds(
         model, layout, hw, dtype
     )
-    sends = 2 * _pp_send_seconds(model, layout, hw, dtype)
+    # Every chunk of an interleaved rank receives its input and sends its output.
+    sends = 2 * layout.virtual_stages * pp_send_seconds(model, layout, hw, dtype)
     comm += max(0.0, sends - compute) if layout.pp_async else sends
     return compute, comm
 
@@ -239,7 +245,7 @@ def predict(
     dp_exposed = _dp_sync_exposed(model, layout, hw, dtype, layer)
     dp_exposed += _step_all_reduces(layout, hw)
     optimizer = _optimizer_seconds(model, layout, hw)
-    bubble = (layout.pp - 1) * slot
+    bubble = (layout.pp - 1) * slot / layout.virtual_stages
     iteration = M * slot + bubble + dp_exposed + optimizer
     tokens = batch * model.seq_len
     tokens_per_s = tokens / iteration
