@@ -160,3 +160,47 @@ def test_an_override_can_complete_a_file(tmp_path):
     assert config.load(path, ["checkpoint.dir=/tmp/x"]).checkpoint.dir == "/tmp/x"
     with pytest.raises(ConfigError, match=r"checkpoint\.interval = 5 needs checkpoint\.dir"):
         config.load(path)
+
+
+@pytest.mark.parametrize(
+    "overrides,pattern",
+    [
+        (["parallel.virtual_stages=0"], r"parallel\.virtual_stages = 0 must be > 0"),
+        (
+            ["parallel.virtual_stages=2"],
+            r"parallel\.virtual_stages = 2 needs parallel\.pp > 1 \(got parallel\.pp = 1\)",
+        ),
+        (
+            ["model.layers=4", "parallel.pp=2", "parallel.virtual_stages=4"],
+            r"model\.layers = 4 must be divisible by parallel\.pp \* parallel\.virtual_stages "
+            r"= 2 \* 4 = 8",
+        ),
+        (  # 16 / (1 * 16) = 1 micro-batch: fewer than pp
+            ["model.layers=4", "parallel.pp=2", "parallel.virtual_stages=2"],
+            r"16 / \(1 \* 16\) = 1, to be a multiple of parallel\.pp = 2",
+        ),
+        (  # 12 / (1 * 4) = 3 micro-batches: not whole rounds of pp
+            [
+                "model.layers=4",
+                "parallel.pp=2",
+                "parallel.virtual_stages=2",
+                "train.global_batch=12",
+                "train.micro_batch=4",
+            ],
+            r"12 / \(1 \* 4\) = 3, to be a multiple of parallel\.pp = 2",
+        ),
+    ],
+)
+def test_bad_virtual_stages_name_the_numbers(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        config.apply_overrides(config.Config(), overrides)
+
+
+def test_virtual_stages_accept_whole_rounds_of_pp():
+    cfg = config.apply_overrides(
+        config.Config(),
+        ["model.layers=8", "parallel.pp=2", "parallel.virtual_stages=2", "train.micro_batch=4"],
+    )
+    assert cfg.parallel.virtual_stages == 2
+    assert cfg.micro_batches_per_replica == 4
+    assert config.Config().parallel.virtual_stages == 1
