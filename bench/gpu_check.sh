@@ -8,12 +8,14 @@
 # runs the unit tests once, trains configs/tiny.toml for 20 steps on CUDA (its
 # summary beside OUT as *.train.json), then bench/gpu_slice.py: the macro module's operators
 # on CUDA (fp32 and bf16 attention, RMSNorm forward and backward, FP8 codec) against
-# float64 references computed by autograd through the naive formulas on the CPU,
-# the timed 352B layer slice (one rank's share at n = 8, seq 8192, bf16) and the
-# FP8 codec, written to one JSON with achieved TFLOP/s and MFU against the GPU's
-# peak; it exits non-zero when an operator check exceeds its tolerance. The dry
-# run makes the same comparisons with the CPU kernels, so its errors are measured
-# too (about 1e-7 in fp32), not 0 by construction.
+# float64 references computed by autograd through the naive formulas on the CPU; the
+# macro module itself (forward + backward with SAR, n = 1, fp32 and bf16, 1 and 2 chunks)
+# against the single-device reference model on CUDA; one Internal-352B layer, rank 0's
+# share at n = 8 (seq 8192, bf16), through the real macro module with its collectives
+# answered by local copies (trainer.parallel.loopback), timed, with TFLOP/s and MFU
+# against the GPU's peak; and the FP8 codec - all in one JSON. It exits non-zero when a
+# check exceeds its tolerance. The dry run makes the same comparisons with the CPU
+# kernels, so its errors are measured too (about 1e-7 in fp32), not 0 by construction.
 # Multi-rank tests are not run there: gloo has no all-to-all for CUDA tensors and
 # NCCL needs one GPU per rank.
 set -euo pipefail
@@ -43,6 +45,7 @@ timeout 120 .venv-gpu/bin/megamoe train --config configs/tiny.toml --set train.d
 timeout 240 .venv-gpu/bin/python bench/gpu_slice.py --json "$OUT"
 cat >&2 <<'NOT_CHECKED'
 gpu_check: not checked on one GPU: NCCL collectives across ranks (EP all-to-all, SP
-all-gathers, ZeRO-1 sync) - they need one GPU per rank; the pipeline across GPUs; FP8 on
-the wire between GPUs; CUDA-event timing of overlap (not built yet).
+all-gathers, ZeRO-1 sync) - they need one GPU per rank (the 352B slice's collectives are
+local copies); the pipeline across GPUs; FP8 on the wire between GPUs; the CUDA-event
+timing of overlapped collectives (exposed vs wall) - it needs collectives that take time.
 NOT_CHECKED

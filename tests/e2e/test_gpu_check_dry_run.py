@@ -14,7 +14,7 @@ import torch
 
 from bench import gpu_slice
 from tests.e2e.conftest import ROOT
-from trainer.parallel import ops
+from trainer.parallel import block, ops
 
 
 @pytest.mark.timeout(180)
@@ -41,6 +41,12 @@ def test_gpu_check_dry_run_writes_its_json(tmp_path):
     assert checks["attention_float32"] > 1e-9 and checks["rmsnorm_bwd"] > 1e-9
     assert checks["attention_bfloat16"] > checks["attention_float32"]
     assert result["layer_slice"]["tflops"] > 0 and 0 < result["mfu"] < 2
+    # the 352B slice ran through the macro module: its collectives were booked
+    assert {"attn_qkv", "ep_dispatch", "ep_combine"} <= set(result["layer_slice"]["comm_bytes"])
+    macro = result["macro_checks"]
+    assert set(macro) == {"fp32_chunks1", "fp32_chunks2", "bf16_chunks1", "bf16_chunks2"}
+    assert result["macro_failed"] == []
+    assert 0 < macro["fp32_chunks1"]["grad_rel_error"] < 1e-4  # measured, not 0 by construction
     assert result["fp8_codec"]["GB_per_s"] > 0
 
 
@@ -71,3 +77,11 @@ def test_op_checks_catch_a_wrong_operator(monkeypatch, op, wrong, check):
     errors = gpu_slice.op_checks(torch.device("cpu"))
     assert errors[check] > 100 * gpu_slice.TOLERANCE[check]
     assert any(f.startswith(check) for f in gpu_slice.failed_checks(errors))
+
+
+@pytest.mark.timeout(60)
+def test_macro_check_catches_a_wrong_backward(monkeypatch):
+    monkeypatch.setattr(block, "rmsnorm_bwd", _rmsnorm_bwd_without_projection)
+    result = {"fp32_chunks1": gpu_slice.macro_check(torch.device("cpu"), "fp32")}
+    assert result["fp32_chunks1"]["grad_rel_error"] > 100 * gpu_slice.MACRO_TOLERANCE["fp32"]
+    assert gpu_slice.failed_macro_checks(result)

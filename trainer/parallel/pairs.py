@@ -110,7 +110,7 @@ def qkv_gemm_a2a(ctx, ln1_BLH, wqkv, positions, chunks: int) -> torch.Tensor:
             ctx.comm.all_to_all(send.view(n * B * Lc, -1), None, None, "attn_qkv", async_op=True)
         )
     x = (ctx.heads + 2 * ctx.kv_heads) // n
-    out = ln1_BLH.new_empty(B, n, L, x, D)
+    out = ln1_BLH.new_empty(B, n, L, x, D, dtype=send.dtype)  # bf16 under autocast
     for c, handle in enumerate(pending):
         out[:, :, c * Lc : (c + 1) * Lc] = handle.wait().view(n, B, Lc, x, D).transpose(0, 1)
     return out.view(B, n * L, x, D)
