@@ -83,6 +83,41 @@ def _probe(rows, h, f, dtype, repeats):
     return best / (4 * rows * h * f)
 
 
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::_grouped_mm")
+
+
+def _profile(fn) -> dict:
+    """One step under torch.profiler: self CPU seconds of the expert GEMMs and of the rest,
+    by operator (the rest's ten largest)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    by_op = {}
+    for ev in prof.key_averages():
+        by_op[ev.key] = by_op.get(ev.key, 0.0) + ev.self_cpu_time_total / 1e6
+    gemm = sum(v for k, v in by_op.items() if k in GEMM_OPS)
+    total = sum(by_op.values())
+    rest = sorted(((v, k) for k, v in by_op.items() if k not in GEMM_OPS), reverse=True)
+    return {
+        "total_s": total,
+        "gemm_s": gemm,
+        "gemm_share": gemm / total if total else 0.0,
+        "rest_top": {k: round(v, 5) for v, k in rest[:10]},
+    }
+
+
+def bf16_path() -> str:
+    """How this CPU runs bf16 GEMMs: AMX tiles, AVX-512 BF16 dot products, or neither."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return "unknown"
+    if "amx_bf16" in flags:
+        return "amx_bf16"
+    return "avx512_bf16" if "avx512_bf16" in flags else "no bf16 instructions"
+
+
 def _run(rank, world, a):
     torch.manual_seed(rank)
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
@@ -102,7 +137,9 @@ def _run(rank, world, a):
             times.append(time.perf_counter() - start)
     # Balanced routing gives each local expert tokens * topk / experts_per_rank rows.
     sec_per_flop = _probe(a.tokens * a.topk // el, a.hidden, a.ffn, dtype, repeats=5)
-    return {"times": times, "sec_per_flop": sec_per_flop, "dropped": dropped}
+    dist.barrier()
+    split = _profile(lambda: _layer_step(ctx, x, router_w, w1, w3, w2))
+    return {"times": times, "sec_per_flop": sec_per_flop, "dropped": dropped, "profile": split}
 
 
 def main() -> None:
@@ -138,12 +175,17 @@ def main() -> None:
         "tflops_per_rank": flops_per_rank / step_s / 1e12,
         "dropped_rows_last_step": sum(r["dropped"] for r in ranks),
         "step_times_s": slowest,
+        "cpu_bf16_path": bf16_path(),
+        "profile_rank0": ranks[0]["profile"],
     }
     print(
         f"{a.mode} ep={a.ep} {a.dtype} expert-gemm={a.expert_gemm}: "
         f"step {step_s * 1e3:.1f} ms (median, slowest rank), "
         f"GEMM roofline {roofline_s * 1e3:.1f} ms -> {100 * result['roofline_ratio']:.1f} % of "
-        f"roofline, {result['tflops_per_rank'] * 1e3:.1f} GFLOP/s per rank"
+        f"roofline, {result['tflops_per_rank'] * 1e3:.1f} GFLOP/s per rank; "
+        f"bf16 path {result['cpu_bf16_path']}; profile (rank 0, one step): expert GEMMs "
+        f"{100 * ranks[0]['profile']['gemm_share']:.0f} %, the rest "
+        + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in ranks[0]["profile"]["rest_top"].items())
     )
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)

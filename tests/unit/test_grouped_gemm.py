@@ -78,3 +78,29 @@ def test_the_loop_gives_the_grouped_kernels_values_exactly(dtype):
     assert ops.grouped_offsets([(0, 3), (1, 2), (0, 1)], x.device) is None
     assert ops.grouped_plan(x, segments) is None  # CPU: the loop unless asked
     assert ops.grouped_plan(x, segments, grouped=True).tolist() == [4, 6, 11]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gate_after", [False, True])
+def test_the_loop_takes_rows_as_they_arrive_in_blocks_per_source_rank(dtype, gate_after):
+    """Dropless all-to-all on CPU: rows arrive by source rank, then expert, and the loop
+    takes each (rank, expert) block in place - an expert in several segments."""
+    segments = [(0, 2), (1, 3), (2, 1), (0, 4), (1, 1), (2, 3)]  # two source ranks
+    counts = [6, 4, 4]
+    x, g, w1, w3, w2 = _case(dtype, counts)
+    order = [0, 1, 6, 7, 8, 9, 2, 3, 4, 10, 5, 11, 12, 13]  # arrival index, by expert
+    y_ref = _reference(x[order], g[order], counts, w1, w3, w2, gate_after)
+    dy = torch.randn_like(y_ref)
+    y_ref.backward(dy)
+    inverse = torch.empty(14, dtype=torch.long)
+    inverse[order] = torch.arange(14)
+    with torch.no_grad():
+        y, fc1, fc3 = ops.grouped_fwd(x, g, segments, w1, w3, w2, gate_after, grouped=False)
+        dx, dg, dw2, dfc1, dfc3 = ops.grouped_bwd_data(
+            dy[inverse], g, segments, fc1, fc3, w1, w3, w2, gate_after, grouped=False
+        )
+        dw1, dw3 = ops.grouped_bwd_weights(x, segments, dfc1, dfc3, w1)
+    tol = TOL[dtype]
+    torch.testing.assert_close(y, y_ref.detach()[inverse], **tol)
+    for got, want in ((dx, x), (dg, g), (dw1, w1), (dw3, w3), (dw2, w2)):
+        torch.testing.assert_close(got.to(want.dtype), want.grad, **tol)

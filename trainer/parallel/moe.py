@@ -33,7 +33,14 @@ from trainer.model.router import capacity_keep, group_capacity
 from trainer.parallel.comm import DoneHandle, JoinedHandle, PiecesOneAhead, issuer
 from trainer.parallel.fp8comm import all_gather_fp8, all_to_all_fp8, reduce_scatter_fp8
 from trainer.parallel.hostsync import counts_of, host_ints
-from trainer.parallel.ops import grouped_bwd_data, grouped_bwd_weights, grouped_fwd, segments_of
+from trainer.parallel.ops import (
+    cat_rows,
+    grouped_bwd_data,
+    grouped_bwd_weights,
+    grouped_fwd,
+    runs_grouped,
+    segments_of,
+)
 from trainer.parallel.pairs import (
     ag_grouped_gemm_rs,
     ag_grouped_gemm_rs_bwd,
@@ -141,33 +148,46 @@ def a2a_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved, side=None):
     )
     side_out = side() if side else None
     recv_meta = meta_handle.wait()[recv_major]  # piece-major, like the pieces' rows
-    _order_received(ctx, pieces, recv_NKE, recv_meta, T_l * n, k)
+    grouped = runs_grouped(x2, ctx.expert_gemm)
+    _order_received(ctx, pieces, recv_NKE, recv_meta, T_l * n, k, grouped)
     backs, fc1s, fc3s, gss = [], [], [], []
     for c, p in enumerate(pieces):
         recv_meta_c = recv_meta[p["offset"] : p["offset"] + p["rows"]]
-        gs = recv_meta_c[p["perm"], 0].float()
+        gs = _take(recv_meta_c, p["perm"])[:, 0].float()
         recv_x = xs.wait(c)
         ys, fc1, fc3 = grouped_fwd(
-            recv_x[p["perm"]], gs, p["segments"], w1, w3, w2, ctx.fp8, ctx.expert_gemm
+            _take(recv_x, p["perm"]), gs, p["segments"], w1, w3, w2, ctx.fp8, ctx.expert_gemm
         )
-        y_recv = ys.new_zeros(recv_x.shape).index_copy(0, p["perm"], ys)
+        y_recv = _put(ys, p["perm"], recv_x.shape[0])
         backs.append(_dispatch(ctx, issue, y_recv, p["splits"][::-1], "ep_combine"))
         fc1s.append(fc1)
         fc3s.append(fc3)
         gss.append(gs)
     saved.update(
-        fc1=torch.cat(fc1s),
-        fc3=torch.cat(fc3s),
+        fc1=cat_rows(fc1s),
+        fc3=cat_rows(fc3s),
         slot_order=slot_order,
         token_of=token_of,
         pieces=pieces,
-        gs=torch.cat(gss),
+        gs=cat_rows(gss),
         send_major=send_major,
         recv_major=recv_major,
     )
     saved["dropped"] = sum(p["rows"] - p["kept"] for p in pieces)
-    combined = JoinedHandle(backs, lambda rows: _gather_slots(torch.cat(rows), slot_order, T_l, k))
+    combined = JoinedHandle(backs, lambda rows: _gather_slots(cat_rows(rows), slot_order, T_l, k))
     return combined, side_out
+
+
+def _take(rows: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """Received rows in expert order (``perm``), or as they came (None)."""
+    return rows if perm is None else rows[perm]
+
+
+def _put(values: torch.Tensor, perm: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """``_take`` undone: values back in received order, zero where a row was dropped."""
+    if perm is None:
+        return values
+    return values.new_zeros(rows, *values.shape[1:]).index_copy(0, perm, values)
 
 
 def _dispatch(ctx, issue, rows, splits, tag="ep_dispatch"):
@@ -229,22 +249,32 @@ def _to_rank_major(rows_piece_major: torch.Tensor, index: torch.Tensor) -> torch
 
 def _gather_slots(rows_AH, slot_order, T_l, k):
     """Rows in dispatch order -> [T_l, H]: back through the row mapping, summed over slots."""
-    out = rows_AH.new_zeros(T_l * k, rows_AH.shape[-1]).index_copy(0, slot_order, rows_AH)
+    # slot_order is a permutation of every slot: each row is written, none needs zeroing
+    out = rows_AH.new_empty(T_l * k, rows_AH.shape[-1]).index_copy(0, slot_order, rows_AH)
     return out.view(T_l, k, -1).sum(1)
 
 
-def _order_received(ctx, pieces, recv_NKE, recv_meta, tokens, k):
+def _order_received(ctx, pieces, recv_NKE, recv_meta, tokens, k, grouped: bool):
     """Each piece's kept rows sorted by local expert (``perm``), their per-expert
     ``segments`` and count ``kept``.
 
     A piece's rows arrive by source rank, then local expert, with counts the host knows
-    already, so the sorted order is a list of blocks. Capacity (the receiver's rule,
-    decided once over all pieces: it needs every assignment to this device group) is the
-    only case that reads the host again: how many rows of each expert were kept.
+    already, so the sorted order is a list of blocks. When every row stays and the expert
+    GEMMs loop (not ``grouped``), no permutation at all: the loop takes each (source rank,
+    expert) block where it arrived (``perm`` None), sparing a gather and a scatter of
+    every row each way. Capacity (the receiver's rule, decided once over all pieces: it
+    needs every assignment to this device group) is the only case that reads the host
+    again: how many rows of each expert were kept.
     """
     n, K, El = len(recv_NKE), len(pieces), ctx.experts // ctx.n
     keep = _receiver_keep(ctx, recv_meta, tokens, k)
     device = recv_meta.device
+    if keep is None and not grouped:
+        for c, p in enumerate(pieces):
+            blocks = [(e, recv_NKE[r][c][e]) for r in range(n) for e in range(El)]
+            p["perm"], p["kept"] = None, p["rows"]
+            p["segments"] = [(e, rows) for e, rows in blocks if rows]
+        return
     if keep is None:  # dropless, or capacity not reached: every row stays
         for c, p in enumerate(pieces):
             start, at = {}, 0
@@ -313,29 +343,29 @@ def a2a_backward(ctx, d_out, recompute_x2, w1, w3, w2, saved, side=None):
     x2 = recompute_x2()
     xs = PiecesOneAhead(dispatch(x2), len(pieces))
     side_out = side(x2) if side else None
-    dw1, dw3, dw2 = torch.zeros_like(w1), torch.zeros_like(w1), torch.zeros_like(w2)
+    dw = None  # [dW1, dW3, dW2], summed over pieces
     backs, dgs_all, row = [], [], 0
     for c, p in enumerate(pieces):
         perm, segments = p["perm"], p["segments"]
-        rows = slice(row, row + perm.numel())
+        rows = slice(row, row + p["kept"])
         row = rows.stop
         dxs, dgs, dw2_p, dfc1, dfc3 = rows_bwd_data(
-            ctx, ds.wait(c)[perm], s, rows, segments, w1, w3, w2
+            ctx, _take(ds.wait(c), perm), s, rows, segments, w1, w3, w2
         )
-        dw2 += dw2_p
-        d_recv_x = dxs.new_zeros(p["rows"], H).index_copy(0, perm, dxs)
+        d_recv_x = _put(dxs, perm, p["rows"])
         backs.append(issue(ctx.comm.all_to_all, d_recv_x, *p["splits"][::-1], "ep_combine"))
-        dgs_all.append(dgs.new_zeros(p["rows"]).index_copy(0, perm, dgs).double())
-        dw1_p, dw3_p = grouped_bwd_weights(xs.wait(c)[perm], segments, dfc1, dfc3, w1)
-        dw1 += dw1_p
-        dw3 += dw3_p
+        dgs_all.append(_put(dgs, perm, p["rows"]).double())
+        dw1_p, dw3_p = grouped_bwd_weights(_take(xs.wait(c), perm), segments, dfc1, dfc3, w1)
+        parts = (dw1_p, dw3_p, dw2_p)
+        dw = list(parts) if dw is None else [a + b for a, b in zip(dw, parts, strict=True)]
     fwd_in, fwd_out = _totals(pieces)
-    d_g_recv = _to_rank_major(torch.cat(dgs_all), s["recv_major"])
+    d_g_recv = _to_rank_major(cat_rows(dgs_all), s["recv_major"])
     g_back = issue(ctx.comm.all_to_all, d_g_recv, fwd_out, fwd_in, "ep_meta")
-    back = torch.cat([b.wait() for b in backs]).to(d_out.dtype)
+    back = cat_rows([b.wait() for b in backs]).to(d_out.dtype)
     d_x2 = d_out.new_zeros(T_l, H).index_add(0, token_of, back)
     d_g_send = g_back.wait()[s["send_major"]]  # piece-major: the order of slot_order
-    d_gates = d_g_send.new_zeros(T_l * k).index_copy(0, s["slot_order"], d_g_send)
+    d_gates = d_g_send.new_empty(T_l * k).index_copy(0, s["slot_order"], d_g_send)
+    dw1, dw3, dw2 = (g.to(w.dtype) for g, w in zip(dw, (w1, w3, w2), strict=True))
     return d_x2, d_gates.view(T_l, k).float(), (dw1, dw3, dw2), x2, side_out
 
 

@@ -141,14 +141,18 @@ def swiglu_act(fc1, fc3, gate_A):
     return F.silu(fc1) * fc3 * gate_A[:, None].to(fc1.dtype)
 
 
-def expert_bwd_data(dy_AH, fc1, fc3, gate_A, w1, w3, w2, gate_after=False):
+def expert_bwd_data(dy_AH, fc1, fc3, gate_A, w1, w3, w2, gate_after=False, dx_out=None):
     """Backward of fc2(silu(fc1) * fc3 * gate) up to the input: everything but dW1, dW3.
 
     Returns (dx, dgate, dw2, d_fc1, d_fc3); the activation is recomputed here.
     Split from the weight gradients so those can run while dx is communicated.
+    Elementwise work is kept to the passes the math needs over the [rows, h_ffn]
+    tensors: the gate scales dy's h columns, not the activation's h_ffn ones; SiLU's
+    derivative comes from its fused backward kernel; products go in place into
+    tensors this function made. ``dx_out`` receives dx when given.
     """
-    sig = torch.sigmoid(fc1)
-    act = fc1 * sig * fc3  # silu(fc1) * fc3
+    silu = F.silu(fc1)
+    act = silu * fc3
     gate = gate_A[:, None].to(fc1.dtype)
     if gate_after:  # y = (act @ w2) * gate: the FP8 recipe's placement
         dgate = (dy_AH * (act @ w2)).sum(-1)
@@ -156,13 +160,14 @@ def expert_bwd_data(dy_AH, fc1, fc3, gate_A, w1, w3, w2, gate_after=False):
         dw2 = act.T @ dy_g
         d_act = dy_g @ w2.T
     else:  # y = (act * gate) @ w2
-        dw2 = (act * gate).T @ dy_AH
-        d_in = dy_AH @ w2.T
-        dgate = (d_in * act).sum(-1)
-        d_act = d_in * gate
-    d_fc3 = d_act * fc1 * sig
-    d_fc1 = d_act * fc3 * sig * (1 + fc1 * (1 - sig))
-    dx = d_fc1 @ w1.T + d_fc3 @ w3.T
+        dw2 = act.T @ (dy_AH * gate)
+        d_act = dy_AH @ w2.T  # d(act * gate)
+        dgate = (d_act * act).sum(-1)
+        d_act.mul_(gate)
+    d_fc3 = d_act * silu
+    d_fc1 = torch.ops.aten.silu_backward(d_act.mul_(fc3), fc1)
+    dx = torch.mm(d_fc1, w1.T, out=dx_out) if dx_out is not None else d_fc1 @ w1.T
+    dx.addmm_(d_fc3, w3.T)
     return dx, dgate, dw2, d_fc1, d_fc3
 
 
@@ -171,11 +176,17 @@ def expert_bwd(dy_AH, x_AH, fc1, fc3, gate_A, w1, w3, w2):
 
     Returns (dx, dgate, dw1, dw3, dw2).
     """
+    dy_AH, w1, w3, w2 = in_compute_dtype(dy_AH, w1, w3, w2)
     dx, dgate, dw2, d_fc1, d_fc3 = expert_bwd_data(dy_AH, fc1, fc3, gate_A, w1, w3, w2)
     return dx, dgate, x_AH.T @ d_fc1, x_AH.T @ d_fc3, dw2
 
 
 # Grouped experts: rows sorted by expert, one GEMM per (expert, rows) segment.
+
+
+def cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat`` along rows without the copy when there is one part (one piece)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def segments_of(counts: list[int]) -> list[tuple[int, int]]:
@@ -201,6 +212,17 @@ _GROUPED_BY_DEFAULT = {"cuda": (torch.bfloat16,)}
 _grouped_broken: set[tuple[str, torch.dtype]] = set()
 
 
+def in_compute_dtype(x: torch.Tensor, *weights: torch.Tensor):
+    """``x`` and the weights in the dtype their GEMMs run in: autocast's (bf16) for fp32
+    inputs inside an autocast region, else their own. Explicit, because the grouped
+    kernel and the loop's ``out=`` GEMMs are outside autocast's op list."""
+    dev = x.device.type
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        return (x.to(dt), *(w.to(dt) for w in weights))
+    return (x, *(w.to(x.dtype) for w in weights))
+
+
 def grouped_offsets(segments, device) -> torch.Tensor | None:
     """``torch._grouped_mm``'s end offsets of the segments' rows, or None when the segments
     are not each local expert once, in order (then the per-segment loop runs)."""
@@ -214,11 +236,24 @@ def grouped_offsets(segments, device) -> torch.Tensor | None:
 
 
 def _kernel(t: torch.Tensor, table) -> bool:
+    return _has_kernel(t.device.type, t.dtype, table)
+
+
+def _has_kernel(device: str, dtype: torch.dtype, table) -> bool:
     return (
         hasattr(torch, "_grouped_mm")
-        and t.dtype in table.get(t.device.type, ())
-        and (t.device.type, t.dtype) not in _grouped_broken
+        and dtype in table.get(device, ())
+        and (device, dtype) not in _grouped_broken
     )
+
+
+def runs_grouped(t: torch.Tensor, grouped: bool | None = None) -> bool:
+    """Whether ``grouped_fwd`` of rows like ``t`` (in their compute dtype, see
+    ``in_compute_dtype``) takes the grouped calls; the loop otherwise, which accepts an
+    expert in several segments and so rows in any order."""
+    (probe,) = in_compute_dtype(t[:0])
+    table = _GROUPED_KERNELS if grouped else _GROUPED_BY_DEFAULT
+    return grouped is not False and _has_kernel(t.device.type, probe.dtype, table)
 
 
 def grouped_plan(t: torch.Tensor, segments, grouped: bool | None = None) -> torch.Tensor | None:
@@ -271,6 +306,7 @@ def grouped_fwd(xs, gs, segments, w1, w3, w2, gate_after=False, grouped=None):
     """FC1/FC3/FC2 of rows grouped by expert (``segments``: (local expert, rows) in row
     order; an expert may appear in several segments in chunked pipelines); returns (y, fc1,
     fc3). The gate multiplies before FC2 (the paper's placement), or after it in FP8 mode."""
+    xs, w1, w3, w2 = in_compute_dtype(xs, w1, w3, w2)
     offs = grouped_plan(xs, segments, grouped)
     if offs is None:
         return _looped_fwd(xs, gs, segments, w1, w3, w2, gate_after)
@@ -284,16 +320,27 @@ def grouped_fwd(xs, gs, segments, w1, w3, w2, gate_after=False, grouped=None):
 
 
 def _looped_fwd(xs, gs, segments, w1, w3, w2, gate_after):
-    fc1s, fc3s, ys = [], [], []
-    for (e, _), x_e, g_e in zip(segments, _split(xs, segments), _split(gs, segments), strict=True):
-        fc1, fc3 = swiglu_fwd(x_e, w1[e], w3[e])
-        fc1s.append(fc1)
-        fc3s.append(fc3)
+    """Each segment's GEMMs and activation back to back, written straight into the
+    outputs (no concatenation afterwards)."""
+    rows_total, f, h = xs.shape[0], w1.shape[-1], w2.shape[-1]
+    fc1, fc3, y = (
+        xs.new_empty(rows_total, f),
+        xs.new_empty(rows_total, f),
+        xs.new_empty(rows_total, h),
+    )
+    start = 0
+    for e, rows in segments:
+        sl = slice(start, start + rows)
+        start += rows
+        x_e, g_e = xs[sl], gs[sl, None].to(xs.dtype)
+        torch.mm(x_e, w1[e], out=fc1[sl])
+        torch.mm(x_e, w3[e], out=fc3[sl])
+        act = F.silu(fc1[sl]).mul_(fc3[sl])
         if gate_after:
-            ys.append((swiglu_act(fc1, fc3, torch.ones_like(g_e)) @ w2[e]) * g_e[:, None])
+            torch.mm(act, w2[e], out=y[sl]).mul_(g_e)
         else:
-            ys.append(swiglu_act(fc1, fc3, g_e) @ w2[e])
-    return torch.cat(ys), torch.cat(fc1s), torch.cat(fc3s)
+            torch.mm(act.mul_(g_e), w2[e], out=y[sl])
+    return y, fc1, fc3
 
 
 def grouped_bwd_data(dys, gs, segments, fc1, fc3, w1, w3, w2, gate_after=False, grouped=None):
@@ -301,6 +348,7 @@ def grouped_bwd_data(dys, gs, segments, fc1, fc3, w1, w3, w2, gate_after=False, 
     backward of ``grouped_fwd`` up to its input (the activation recomputed), everything but
     dW1 and dW3, which ``grouped_bwd_weights`` computes while dx is communicated. The FC1/FC3
     gradients come as one tensor (grouped) or a list per segment (loop)."""
+    dys, w1, w3, w2 = in_compute_dtype(dys, w1, w3, w2)
     offs = grouped_plan(dys, segments, grouped)
     if offs is None:
         return _looped_bwd_data(dys, gs, segments, fc1, fc3, w1, w3, w2, gate_after)
@@ -326,24 +374,33 @@ def grouped_bwd_data(dys, gs, segments, fc1, fc3, w1, w3, w2, gate_after=False, 
 
 
 def _looped_bwd_data(dys, gs, segments, fc1, fc3, w1, w3, w2, gate_after):
-    dxs, dgs, dfc1, dfc3 = [], [], [], []
-    dw2 = torch.zeros_like(w2)
-    pieces = zip(
-        segments,
-        _split(dys, segments),
-        _split(gs, segments),
-        _split(fc1, segments),
-        _split(fc3, segments),
-        strict=True,
-    )
-    for (e, _), dy, g, a, b in pieces:
-        dx, dg, g2, d1, d3 = expert_bwd_data(dy, a, b, g, w1[e], w3[e], w2[e], gate_after)
-        dxs.append(dx)
+    dxs = dys.new_empty(dys.shape[0], w1.shape[1])
+    dgs, dfc1, dfc3 = [], [], []
+    dw2 = None
+    start = 0
+    for e, rows in segments:
+        sl = slice(start, start + rows)
+        start += rows
+        _, dg, g2, d1, d3 = expert_bwd_data(
+            dys[sl], fc1[sl], fc3[sl], gs[sl], w1[e], w3[e], w2[e], gate_after, dxs[sl]
+        )
+        dw2 = _accumulate(dw2, e, g2, w2)
         dgs.append(dg)
-        dw2[e] += g2
         dfc1.append(d1)
         dfc3.append(d3)
-    return torch.cat(dxs), torch.cat(dgs), dw2, dfc1, dfc3
+    return dxs, cat_rows(dgs) if dgs else gs.new_zeros(0), _finish(dw2, w2), dfc1, dfc3
+
+
+def _accumulate(acc, e, g, like):
+    """acc[e] += g, acc made (zeros, shaped and typed like ``like``) on first use."""
+    if acc is None:
+        acc = torch.zeros(like.shape, dtype=g.dtype, device=g.device)
+    acc[e] += g
+    return acc
+
+
+def _finish(acc, like):
+    return torch.zeros(like.shape, dtype=like.dtype, device=like.device) if acc is None else acc
 
 
 def grouped_bwd_weights(xs, segments, dfc1, dfc3, w1):
@@ -354,8 +411,10 @@ def grouped_bwd_weights(xs, segments, dfc1, dfc3, w1):
         return grouped_mm_t(xs, dfc1, segments, offs, w1), grouped_mm_t(
             xs, dfc3, segments, offs, w1
         )
-    dw1, dw3 = torch.zeros_like(w1), torch.zeros_like(w1)
+    xs = xs.to(dfc1[0].dtype) if dfc1 else xs
+    dw1 = torch.zeros(w1.shape, dtype=xs.dtype, device=xs.device)
+    dw3 = torch.zeros_like(dw1)
     for (e, _), x, d1, d3 in zip(segments, _split(xs, segments), dfc1, dfc3, strict=True):
-        dw1[e] += x.T @ d1
-        dw3[e] += x.T @ d3
+        dw1[e].addmm_(x.T, d1)  # accumulates in place: no temporary, no separate add
+        dw3[e].addmm_(x.T, d3)
     return dw1, dw3

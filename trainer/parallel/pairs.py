@@ -50,7 +50,13 @@ import torch
 from trainer.parallel.comm import JoinedHandle, PiecesOneAhead, issuer
 from trainer.parallel.fp8comm import all_gather_fp8, reduce_scatter_fp8
 from trainer.parallel.hostsync import counts_of, host_ints
-from trainer.parallel.ops import grouped_bwd_data, grouped_bwd_weights, grouped_fwd, rope
+from trainer.parallel.ops import (
+    cat_rows,
+    grouped_bwd_data,
+    grouped_bwd_weights,
+    grouped_fwd,
+    rope,
+)
 
 
 def rows_bwd_data(ctx, dy, saved, rows: slice, segments, w1, w3, w2):
@@ -193,13 +199,13 @@ def ag_grouped_gemm_rs(ctx, x2, mine, gs_all, ids_all, first, w1, w3, w2, chunks
         segs += list(enumerate(counts))
         fc1s.append(fc1)
         fc3s.append(fc3)
-    out = torch.cat([h.wait() for h in outs])
+    out = cat_rows([h.wait() for h in outs])
     saved = {
-        "fc1": torch.cat(fc1s),
-        "fc3": torch.cat(fc3s),
-        "slot_sel": torch.cat(sel),
-        "tokens": torch.cat(toks),
-        "gs": torch.cat(gates),
+        "fc1": cat_rows(fc1s),
+        "fc3": cat_rows(fc3s),
+        "slot_sel": cat_rows(sel),
+        "tokens": cat_rows(toks),
+        "gs": cat_rows(gates),
         "segments": segs,
         "piece_rows": piece_rows,
         "dropped": sizes[-1],
@@ -295,6 +301,6 @@ def ag_grouped_gemm_rs_bwd(ctx, d_out, recompute_x2, w1, w3, w2, saved, side=Non
         dw1_c, dw3_c = grouped_bwd_weights(xs.wait(c)[local], segments, dfc1, dfc3, w1)
         dw1 += dw1_c
         dw3 += dw3_c
-    d_x2 = torch.cat([h.wait() for h in rss])
-    d_gates = torch.cat([h.wait() for h in g_rss])
+    d_x2 = cat_rows([h.wait() for h in rss])
+    d_gates = cat_rows([h.wait() for h in g_rss])
     return d_x2, d_gates, (dw1, dw3, dw2), x2, side_out
