@@ -134,6 +134,7 @@ def a2a_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved, side=None):
         for r in range(n)
     ]
     token_of = slot_order // k
+    slot_place = inverse_permutation(slot_order)  # where each slot's row is in send order
     pieces = _pieces(send_KN, recv_NKE, x2.device)
     # float64 carries the global slot index exactly (float32 would stop at 2**24).
     slots = ctx.global_slots(T_l, k).to(device=x2.device, dtype=torch.float64)
@@ -141,13 +142,16 @@ def a2a_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved, side=None):
     # piece-major <-> rank-major
     send_major = _rank_major([[send_KN[c][r] for c in range(K)] for r in range(n)], x2.device)
     recv_major = _rank_major([[sum(row) for row in per_rank] for per_rank in recv_NKE], x2.device)
-    meta_send = _to_rank_major(meta[slot_order], send_major)
+    meta_send = _to_rank_major(rows_at(meta, slot_order), send_major)
     meta_handle = issue(ctx.comm.all_to_all, meta_send, *_totals(pieces), "ep_meta")
     xs = PiecesOneAhead(
-        lambda c: _dispatch(ctx, issue, x2[token_of[pieces[c]["send"]]], pieces[c]["splits"]), K
+        lambda c: _dispatch(
+            ctx, issue, rows_at(x2, token_of[pieces[c]["send"]]), pieces[c]["splits"]
+        ),
+        K,
     )
     side_out = side() if side else None
-    recv_meta = meta_handle.wait()[recv_major]  # piece-major, like the pieces' rows
+    recv_meta = rows_at(meta_handle.wait(), recv_major)  # piece-major, like the pieces' rows
     grouped = runs_grouped(x2, ctx.expert_gemm)
     _order_received(ctx, pieces, recv_NKE, recv_meta, T_l * n, k, grouped)
     backs, fc1s, fc3s, gss = [], [], [], []
@@ -166,7 +170,7 @@ def a2a_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved, side=None):
     saved.update(
         fc1=cat_rows(fc1s),
         fc3=cat_rows(fc3s),
-        slot_order=slot_order,
+        slot_place=slot_place,
         token_of=token_of,
         pieces=pieces,
         gs=cat_rows(gss),
@@ -174,13 +178,25 @@ def a2a_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved, side=None):
         recv_major=recv_major,
     )
     saved["dropped"] = sum(p["rows"] - p["kept"] for p in pieces)
-    combined = JoinedHandle(backs, lambda rows: _gather_slots(cat_rows(rows), slot_order, T_l, k))
+    combined = JoinedHandle(backs, lambda rows: _gather_slots(cat_rows(rows), slot_place, T_l, k))
     return combined, side_out
+
+
+def rows_at(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t[index]`` along rows; ``index_select`` is several times faster than advanced
+    indexing on the CPU (measured 0.4 vs 1.9 ms for 8192 bf16 rows of 512)."""
+    return torch.index_select(t, 0, index)
+
+
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """``inv`` with ``inv[perm[i]] = i``: scattering by ``perm`` is gathering by ``inv``."""
+    inv = torch.empty_like(perm)
+    return inv.index_copy_(0, perm, torch.arange(perm.numel(), device=perm.device))
 
 
 def _take(rows: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
     """Received rows in expert order (``perm``), or as they came (None)."""
-    return rows if perm is None else rows[perm]
+    return rows if perm is None else rows_at(rows, perm)
 
 
 def _put(values: torch.Tensor, perm: torch.Tensor | None, rows: int) -> torch.Tensor:
@@ -242,16 +258,13 @@ def _rank_major(counts_NK: list[list[int]], device) -> torch.Tensor:
 
 
 def _to_rank_major(rows_piece_major: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    out = torch.empty_like(rows_piece_major)
-    out[index] = rows_piece_major
-    return out
+    """Rows placed at ``index`` (a permutation): a gather through its inverse."""
+    return rows_at(rows_piece_major, inverse_permutation(index))
 
 
-def _gather_slots(rows_AH, slot_order, T_l, k):
+def _gather_slots(rows_AH, slot_place, T_l, k):
     """Rows in dispatch order -> [T_l, H]: back through the row mapping, summed over slots."""
-    # slot_order is a permutation of every slot: each row is written, none needs zeroing
-    out = rows_AH.new_empty(T_l * k, rows_AH.shape[-1]).index_copy(0, slot_order, rows_AH)
-    return out.view(T_l, k, -1).sum(1)
+    return rows_at(rows_AH, slot_place).view(T_l, k, -1).sum(1)
 
 
 def _order_received(ctx, pieces, recv_NKE, recv_meta, tokens, k, grouped: bool):
@@ -334,7 +347,7 @@ def a2a_backward(ctx, d_out, recompute_x2, w1, w3, w2, saved, side=None):
     def dispatch(rows):
         return lambda c: issue(
             ctx.comm.all_to_all,
-            rows[token_of[pieces[c]["send"]]],
+            rows_at(rows, token_of[pieces[c]["send"]]),
             *pieces[c]["splits"],
             "ep_dispatch",
         )
@@ -363,8 +376,8 @@ def a2a_backward(ctx, d_out, recompute_x2, w1, w3, w2, saved, side=None):
     g_back = issue(ctx.comm.all_to_all, d_g_recv, fwd_out, fwd_in, "ep_meta")
     back = cat_rows([b.wait() for b in backs]).to(d_out.dtype)
     d_x2 = d_out.new_zeros(T_l, H).index_add(0, token_of, back)
-    d_g_send = g_back.wait()[s["send_major"]]  # piece-major: the order of slot_order
-    d_gates = d_g_send.new_empty(T_l * k).index_copy(0, s["slot_order"], d_g_send)
+    d_g_send = rows_at(g_back.wait(), s["send_major"])  # piece-major: the send order
+    d_gates = rows_at(d_g_send, s["slot_place"])  # back to (token, slot) order
     dw1, dw3, dw2 = (g.to(w.dtype) for g, w in zip(dw, (w1, w3, w2), strict=True))
     return d_x2, d_gates.view(T_l, k).float(), (dw1, dw3, dw2), x2, side_out
 
@@ -404,7 +417,7 @@ def gathered_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved, side=None):
     tokens = slot_sel // k
     gs = gs_all[..., 0].reshape(-1)[slot_sel]
     ys, fc1, fc3 = grouped_fwd(
-        x_all[tokens], gs, segments_of(counts), w1, w3, w2, ctx.fp8, ctx.expert_gemm
+        rows_at(x_all, tokens), gs, segments_of(counts), w1, w3, w2, ctx.fp8, ctx.expert_gemm
     )
     full = ys.new_zeros(n * T_l * k, ys.shape[-1]).index_copy(0, slot_sel, ys)
     summed = full.view(n * T_l, k, -1).sum(1)
@@ -446,7 +459,7 @@ def gathered_backward(ctx, d_out, recompute_x2, w1, w3, w2, saved, side=None):
     side_out = side(x2) if side else None
     tokens = s["tokens"]
     dxs, dgs, dw2, dfc1, dfc3 = grouped_bwd_data(
-        d_handle.wait()[tokens],
+        rows_at(d_handle.wait(), tokens),
         s["gs"],
         s["segments"],
         s["fc1"],
@@ -461,5 +474,5 @@ def gathered_backward(ctx, d_out, recompute_x2, w1, w3, w2, saved, side=None):
     rs = ctx.issue(ctx.comm.reduce_scatter, d_x_all, "ffn_rs")
     d_g_all = dgs.new_zeros(n * T_l * k).index_copy(0, s["slot_sel"], dgs).view(n * T_l, k)
     g_rs = ctx.issue(ctx.comm.reduce_scatter, d_g_all.float(), "routing")
-    dw1, dw3 = grouped_bwd_weights(x_handle.wait()[tokens], s["segments"], dfc1, dfc3, w1)
+    dw1, dw3 = grouped_bwd_weights(rows_at(x_handle.wait(), tokens), s["segments"], dfc1, dfc3, w1)
     return rs.wait(), g_rs.wait(), (dw1, dw3, dw2), x2, side_out
