@@ -186,10 +186,9 @@ def _build_step(cfg: Config, w: Worker):
     d, c = w.dims, w.comms
     model = build_parallel_model(cfg, c.n, d.n_index, w.device, stage=d.pp_index)
     optimizer = ZeroOptimizer(model, cfg.train, c.n, c.dp, cfg.comm.grad_sync, cfg.comm.overlap)
-    peers = (
-        d.rank_of(d.dp_index, d.pp_index - 1, d.n_index) if d.pp_index > 0 else None,
-        d.rank_of(d.dp_index, d.pp_index + 1, d.n_index) if d.pp_index < d.pp - 1 else None,
-    )
+    # the pipeline ranks before and after this one, wrapping round (interleaving feeds
+    # rank P - 1's chunk j to rank 0's chunk j + 1)
+    peers = tuple(d.rank_of(d.dp_index, (d.pp_index + k) % d.pp, d.n_index) for k in (-1, 1))
     runner = StageRunner(model, cfg, c.pp, peers, optimizer.arm if cfg.comm.overlap else None)
     L = cfg.model.seq_len // d.n
     rows = cfg.train.global_batch // d.dp
@@ -456,12 +455,13 @@ def _comm_summary(w: Worker, steps: int) -> dict[str, Any]:
 def _pipeline_summary(cfg: Config, bubbles: list[float]) -> dict[str, Any]:
     from trainer.parallel.pipeline import theoretical_bubble
 
-    stages, micro = cfg.parallel.pp, cfg.micro_batches_per_replica
+    stages, micro, v = cfg.parallel.pp, cfg.micro_batches_per_replica, cfg.parallel.virtual_stages
     return {
         "stages": stages,
         "micro_batches": micro,
-        "schedule": "1f1b",
-        "bubble_theory": theoretical_bubble(stages, micro),
+        "virtual_stages": v,
+        "schedule": "interleaved-1f1b" if v > 1 else "1f1b",
+        "bubble_theory": theoretical_bubble(stages, micro, v),
         # the first step pays one-time costs (allocations, kernel warm-up): left out
         "bubble_measured": statistics.median(bubbles[1:] or bubbles) if bubbles else None,
     }

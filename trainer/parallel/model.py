@@ -10,6 +10,10 @@ compared slice by slice (``reference_slice``).
 
 The residual stream is sequence-sharded in every mode: rank r holds tokens
 [r L, (r + 1) L) of every sequence, L = S / n.
+
+Under a pipeline, one ``ParallelMoE`` holds one pipeline rank's layers: one
+contiguous stage, or with interleaving (``parallel.virtual_stages`` = v) v
+non-adjacent chunks of them, run one chunk per forward call.
 """
 
 from __future__ import annotations
@@ -176,12 +180,16 @@ class ParallelBlock(nn.Module):
 
 
 class ParallelMoE(nn.Module):
-    """This rank's share of one pipeline stage; forward takes this rank's sequence shard.
+    """This rank's share of one pipeline rank's layers; forward takes this rank's sequence
+    shard through one of its chunks.
 
-    Stage ``stage`` of ``stages`` holds layers [stage * l, (stage + 1) * l) with
-    l = layers / stages; the first stage also holds the embedding (its input is
-    tokens), the last the final norm and LM head (its output is logits); the
-    others take and return the residual stream [B, L, H].
+    The L layers are cut into P * v model chunks of L / (P * v) layers (P =
+    ``stages``, v = ``virtual_stages``); pipeline rank ``stage`` = s holds chunks
+    s, P + s, ..., (v - 1) P + s, its local chunk j being model chunk j P + s. With
+    v = 1 that is the contiguous stage [s l, (s + 1) l). Rank 0 also holds the
+    embedding (its chunk 0 takes tokens), rank P - 1 the final norm and LM head (its
+    last chunk gives logits); every other chunk takes and returns the residual
+    stream [B, L, H]. ``blocks`` lists the rank's layers in chunk order.
     """
 
     def __init__(
@@ -193,16 +201,22 @@ class ParallelMoE(nn.Module):
         stage: int = 0,
         stages: int = 1,
         balanced_routing: bool = False,
+        virtual_stages: int = 1,
     ) -> None:
         super().__init__()
         self.cfg, self.comm = cfg, comm
-        self.first, self.last = stage == 0, stage == stages - 1
+        self.first, self.last = stage == 0, stage == stages - 1  # embedding / LM head here
+        self.chunks = virtual_stages
         m = cfg.model
         self.ctx = layer_ctx(cfg, comm, rank, balanced_routing)
-        per = m.layers // stages
+        self.per_chunk = m.layers // (stages * virtual_stages)
+        self.layers = [
+            (j * stages + stage) * self.per_chunk + k
+            for j in range(virtual_stages)
+            for k in range(self.per_chunk)
+        ]
         self.blocks = nn.ModuleList(
-            ParallelBlock(cfg, self.ctx, reference.blocks[layer], layer)
-            for layer in range(stage * per, (stage + 1) * per)
+            ParallelBlock(cfg, self.ctx, reference.blocks[layer], layer) for layer in self.layers
         )
         if self.first:
             self.embed = nn.Embedding(m.vocab_size, m.hidden)
@@ -218,14 +232,22 @@ class ParallelMoE(nn.Module):
                 p.megamoe_ref = name
                 p.megamoe_place = Placement.whole(name, p.shape)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """Tokens or residual stream in; logits (last stage) or residual stream out."""
-        if self.first:
+    def takes_tokens(self, chunk: int) -> bool:
+        """Whether local chunk ``chunk`` is the model's first (its input is tokens)."""
+        return self.first and chunk == 0
+
+    def gives_logits(self, chunk: int) -> bool:
+        """Whether local chunk ``chunk`` is the model's last (its output is logits)."""
+        return self.last and chunk == self.chunks - 1
+
+    def forward(self, x: torch.Tensor, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Tokens or residual stream in; logits (the model's last chunk) or residual out."""
+        if self.takes_tokens(chunk):
             x = self.embed(x)
         bal_total = x.new_zeros((), dtype=torch.float32)
         dropped = retained = 0
         counts = None
-        for block in self.blocks:
+        for block in self.blocks[chunk * self.per_chunk : (chunk + 1) * self.per_chunk]:
             x, bal, result = block(x)
             bal_total = bal_total + bal
             dropped += result.dropped
@@ -233,7 +255,7 @@ class ParallelMoE(nn.Module):
             if result.expert_counts is not None:
                 c = result.expert_counts.detach().double()
                 counts = c if counts is None else counts + c
-        if self.last:
+        if self.gives_logits(chunk):
             x = self.head(self.final_norm(x))
         stats = {"dropped": dropped, "retained_bytes": retained, "expert_counts": counts}
         return x, bal_total, stats
@@ -257,7 +279,15 @@ def build_parallel_model(
     seed = base_seed()  # what MoETransformer draws first after the same manual_seed
     with torch.device("meta"):
         reference = MoETransformer(cfg.model, groups=cfg.parallel.n, seed=seed)
-        model = ParallelMoE(cfg, comm, rank, reference, stage, cfg.parallel.pp)
+        model = ParallelMoE(
+            cfg,
+            comm,
+            rank,
+            reference,
+            stage,
+            cfg.parallel.pp,
+            virtual_stages=cfg.parallel.virtual_stages,
+        )
     materialize(model, cfg.model, seed, device)
     return model
 

@@ -1,14 +1,34 @@
-"""1F1B pipeline schedule over ``parallel.pp`` stages (MegaScale-MoE (arXiv 2505.11432)).
+"""1F1B pipeline schedule over ``parallel.pp`` stages, plain or interleaved
+(MegaScale-MoE (arXiv 2505.11432); the interleaved order is Megatron-LM's).
 
-Stage s of P runs its M micro-batches as: min(P - s - 1, M) warm-up forwards,
-then alternating one forward / one backward, then the remaining backwards.
+Plain (``parallel.virtual_stages`` = 1): pipeline rank s of P runs its M
+micro-batches as min(P - s - 1, M) warm-up forwards, then alternating one
+forward / one backward, then the remaining backwards.
+
+Interleaved (v > 1): rank s holds v model chunks (its chunk j is model chunk
+j P + s, see ``trainer.parallel.model``), so every micro-batch passes through
+the ranks v times and there are v M (micro-batch, chunk) units per rank.
+Forwards take the micro-batches in groups of P: the group through chunk 0,
+then the same group through chunk 1, ..., then the next group; backwards
+visit the chunks in reverse. The warm-up is 2 (P - s - 1) + (v - 1) P
+forwards (at most v M); the second (P - s - 1) leaves each rank a forward in
+hand while a transfer is in flight. Then one forward / one backward, then the
+remaining backwards. The ranks idle at fill and drain for one chunk's time
+instead of one stage's, so the bubble shrinks v-fold, at the price of v times
+as many transfers and more warm-up activations; M must be a multiple of P.
+
 Activations go forward and their gradients backward with asynchronous
 point-to-point sends (``isend``, waited only before the step ends) and
-blocking receives, between the same n-index rank of neighbouring stages: the
-residual stream stays sequence-sharded across the pipeline. Each stage's
-balance loss joins its backward directly (``autograd.backward`` on the
-activation and the scaled balance loss together), so no stage has to wait
-for the loss of another.
+blocking receives, between the same n-index rank of neighbouring stages (rank
+P - 1's chunk j feeds rank 0's chunk j + 1): the residual stream stays
+sequence-sharded across the pipeline. Messages between two ranks arrive in the
+order they were sent (one channel, one tag; with P = 2 activations and
+gradients share it both ways), and the schedule sends every channel's messages
+in the order its receiver asks for them (``tests/unit/test_pipeline_schedule.py``
+checks it for P <= 8, v <= 4), so a blocking receive in schedule order always
+gets the message it wants. Each chunk's balance loss joins its backward directly
+(``autograd.backward`` on the activation and the scaled balance loss
+together), so no chunk has to wait for the loss of another.
 
 With P = 1 the schedule is plain gradient accumulation: forward, backward,
 micro-batch after micro-batch.
@@ -17,12 +37,12 @@ Why not torch.distributed.pipelining: its point-to-point transfers bypass the
 instrumented collectives (every byte megamoe moves is recorded in
 ``trainer.parallel.comm``), its loss hook sees only the last stage (the MoE
 balance loss comes from every stage), and measuring the bubble needs the
-compute / wait split of each stage, which a hand-written schedule of ~100
-lines exposes directly.
+compute / wait split of each stage, which a hand-written schedule exposes
+directly.
 
-The bubble is measured per stage as 1 - (seconds computing) / (the pipeline's
+The bubble is measured per rank as 1 - (seconds computing) / (the pipeline's
 makespan: the longest schedule time of any rank this step), averaged over
-ranks; the theory for equal stages is (P - 1) / (M + P - 1). Both times are
+ranks; the theory for equal chunks is (P - 1) / (v M + P - 1). Both times are
 marks of ``trainer.parallel.timing.Clock``: CUDA events on a GPU (a host clock
 there would time the launches), read after the step. The losses stay on the
 device until then too: no host read between micro-batches.
@@ -38,6 +58,8 @@ from trainer.config import Config
 from trainer.parallel.comm import Comm
 from trainer.parallel.model import ParallelMoE
 from trainer.parallel.timing import Clock, seconds, total_seconds
+
+Op = tuple[str, int, int]  # ("F" or "B", micro-batch, local chunk)
 
 
 @dataclass
@@ -65,12 +87,44 @@ class PipelineResult:
     times: PipelineTimes = field(default_factory=PipelineTimes)
 
 
-def theoretical_bubble(stages: int, micro_batches: int) -> float:
-    return (stages - 1) / (micro_batches + stages - 1)
+def theoretical_bubble(stages: int, micro_batches: int, virtual: int = 1) -> float:
+    """(P - 1) / (v M + P - 1): fill and drain of one chunk's time against v M of work."""
+    return (stages - 1) / (virtual * micro_batches + stages - 1)
+
+
+def warmup_count(stage: int, stages: int, virtual: int, micro_batches: int) -> int:
+    """Forwards pipeline rank ``stage`` runs before its first backward."""
+    if virtual == 1:
+        return min(stages - stage - 1, micro_batches)
+    return min(2 * (stages - stage - 1) + (virtual - 1) * stages, virtual * micro_batches)
+
+
+def _unit(k: int, stages: int, virtual: int, forward: bool) -> tuple[int, int]:
+    """(micro-batch, local chunk) of a rank's k-th forward (or backward)."""
+    group, within = divmod(k, stages * virtual)
+    chunk = within // stages
+    return group * stages + within % stages, chunk if forward else virtual - 1 - chunk
+
+
+def schedule(stage: int, stages: int, virtual: int, micro_batches: int) -> list[Op]:
+    """Pipeline rank ``stage``'s forwards and backwards for one step, in order."""
+    if virtual > 1 and micro_batches % stages:
+        raise ValueError(
+            f"interleaved 1F1B needs the micro-batches ({micro_batches}) to be a multiple "
+            f"of the pipeline stages ({stages})"
+        )
+    total = virtual * micro_batches
+    warmup = warmup_count(stage, stages, virtual, micro_batches)
+    forwards = [("F", *_unit(k, stages, virtual, True)) for k in range(total)]
+    backwards = [("B", *_unit(k, stages, virtual, False)) for k in range(total)]
+    order = forwards[:warmup]
+    for i in range(total - warmup):
+        order += [forwards[warmup + i], backwards[i]]
+    return order + backwards[total - warmup :]
 
 
 class StageRunner:
-    """Runs one stage's share of 1F1B for one optimizer step."""
+    """Runs one pipeline rank's share of (interleaved) 1F1B for one optimizer step."""
 
     def __init__(
         self, model: ParallelMoE, cfg: Config, pp_comm: Comm, peers, on_last_backward=None
@@ -78,48 +132,45 @@ class StageRunner:
         self.model, self.cfg, self.pp = model, cfg, pp_comm
         self.clock = Clock(next(model.parameters()).device)
         self.on_last_backward = on_last_backward  # e.g. ZeroOptimizer.arm: DP buckets overlap
-        self.prev_rank, self.next_rank = peers  # global ranks of neighbouring stages (or None)
+        # Global ranks of the pipeline ranks before and after this one (rank 0's "before"
+        # is rank P - 1: interleaving wraps round); None where there is no neighbour.
+        self.prev_rank, self.next_rank = peers
         self.autocast = torch.autocast(
             next(model.parameters()).device.type,
             torch.bfloat16,
             enabled=cfg.train.dtype == "bf16",
         )
 
-    def _act_shape(self, inputs: torch.Tensor) -> tuple[int, ...]:
-        return (*inputs.shape, self.cfg.model.hidden)
-
     def run(self, micro_batches, scale: float) -> PipelineResult:
-        stage, stages = self.pp.rank, self.pp.size
-        M = len(micro_batches)
-        warmup = min(stages - stage - 1, M)
+        order = schedule(self.pp.rank, self.pp.size, self.model.chunks, len(micro_batches))
         res, saved, sends = PipelineResult(), {}, []
         start = self.clock.mark()
-        order = [("F", i) for i in range(warmup)]
-        for i in range(M - warmup):
-            order += [("F", warmup + i), ("B", i)]
-        order += [("B", i) for i in range(M - warmup, M)]
-        for step, (kind, i) in enumerate(order):
+        for step, (kind, i, chunk) in enumerate(order):
             if step == len(order) - 1 and self.on_last_backward:
                 self.on_last_backward()
             if kind == "F":
-                saved[i] = self._forward(micro_batches[i], scale, res, sends)
+                saved[i, chunk] = self._forward(micro_batches[i], chunk, scale, res, sends)
             else:
-                self._backward(saved.pop(i), micro_batches[i], res, sends)
+                self._backward(saved.pop((i, chunk)), chunk, res, sends)
         for pending in sends:
             pending.wait()
         res.times.span = (start, self.clock.mark())
         return res
 
-    def _forward(self, batch, scale, res, sends):
+    def _act_shape(self, inputs: torch.Tensor) -> tuple[int, ...]:
+        return (*inputs.shape, self.cfg.model.hidden)
+
+    def _forward(self, batch, chunk, scale, res, sends):
         inputs, targets = batch
         x = inputs
-        if not self.model.first:
+        if not self.model.takes_tokens(chunk):
             x = self.pp.recv(self._act_shape(inputs), torch.float32, self.prev_rank, "pp_act")
             x.requires_grad_(True)
         t0 = self.clock.mark()
         with self.autocast:
-            out, bal, stats = self.model(x)
-            loss = self.model.local_loss(out, targets) if self.model.last else None
+            out, bal, stats = self.model(x, chunk)
+            last = self.model.gives_logits(chunk)
+            loss = self.model.local_loss(out, targets) if last else None
         res.times.compute.append((t0, self.clock.mark()))
         res.balance = res.balance + bal.detach().double() * scale
         res.dropped += stats["dropped"]
@@ -132,10 +183,10 @@ class StageRunner:
             sends.append(self.pp.send(out.detach().float(), self.next_rank, "pp_act"))
         return x, out, bal, loss, scale
 
-    def _backward(self, state, batch, res, sends):
+    def _backward(self, state, chunk, res, sends):
         x, out, bal, loss, scale = state
         grad = None
-        if not self.model.last:
+        if loss is None:
             grad = self.pp.recv(out.shape, torch.float32, self.next_rank, "pp_grad")
         t0 = self.clock.mark()
         if loss is not None:
@@ -143,5 +194,5 @@ class StageRunner:
         else:
             torch.autograd.backward([out, bal * scale], [grad.to(out.dtype), None])
         res.times.compute.append((t0, self.clock.mark()))
-        if not self.model.first:
+        if not self.model.takes_tokens(chunk):
             sends.append(self.pp.send(x.grad, self.prev_rank, "pp_grad"))

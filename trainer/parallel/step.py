@@ -1,11 +1,11 @@
 """One optimizer step of the parallel model (n-rank groups x pp stages x dp replicas).
 
 Each rank runs its sequence shard of its replica's micro-batches through its
-stage's macro layers on the 1F1B schedule (loss scaled by 1 / (micro-batches
-x dp), so the gradient sum over replicas is the global-batch gradient), then
-ZeRO-1 sums the gradients
-over their sync class and leaves each rank a disjoint shard. The global
-gradient norm is one all-reduce of the shards' squares over the whole world;
+stage's macro layers on the (interleaved) 1F1B schedule (loss scaled by
+1 / (micro-batches x dp), so the gradient sum over replicas is the global-batch
+gradient), then ZeRO-1 sums the gradients over their sync class and leaves each
+rank a disjoint shard. The global gradient norm is one all-reduce of the shards'
+squares over the whole world;
 clipping uses ``torch.nn.utils.clip_grad_norm_``'s formula, and a non-finite
 norm skips the step on every rank alike (they all see the same norm). Loss,
 balance loss and drop counts are summed over the world so rank 0 reports the
@@ -61,7 +61,7 @@ def parallel_train_step(
         optimizer.step(min(clip / (grad_norm + 1e-6), 1.0) if clip > 0 else 1.0)
     optimizer.zero_grad()
     # Bubble against the pipeline's makespan (the slowest rank's schedule time), as
-    # the (P - 1) / (M + P - 1) theory counts it: every stage waits for the flush.
+    # the (P - 1) / (v M + P - 1) theory counts it: every stage waits for the flush.
     device = comms.world.device  # what the backend serves (CUDA for NCCL)
     makespan = torch.tensor([res.times.total_s], dtype=torch.float64, device=device)
     comms.world.all_reduce(makespan, "pp_timing", op=dist.ReduceOp.MAX)
