@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.atomic import write_json_atomic
-from trainer.parallel import moe
+from trainer.parallel import moe, ops
 from trainer.parallel.block import LayerCtx
 from trainer.parallel.comm import Comm
 from trainer.parallel.spawn import run_local
@@ -119,6 +119,7 @@ def bf16_path() -> str:
 
 
 def _run(rank, world, a):
+    ops.use_fused_kernels(getattr(a, "fused", False))
     torch.manual_seed(rank)
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     comm = Comm(dist.group.WORLD, rank, world)
@@ -156,6 +157,11 @@ def main() -> None:
         default="auto",
         help="expert GEMMs as torch._grouped_mm calls, a loop over experts, or what the "
         "trainer picks for the device and dtype (auto)",
+    )
+    p.add_argument(
+        "--fused",
+        action="store_true",
+        help="compiled SwiGLU elementwise kernels (train.fused_kernels; compiles in warm-up)",
     )
     p.add_argument("--json", default=None)
     a = p.parse_args()

@@ -101,6 +101,7 @@ class TrainConfig:
     dtype: str = "fp32"  # fp32 | bf16 (autocast)
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch intra-op threads per rank; 0 = torch's default
+    fused_kernels: bool = False  # SwiGLU elementwise work compiled (torch.compile)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from trainer.model import MoETransformer, flops_per_token, lm_loss, total_params
 from trainer.model.flops import activated_gemm_params
 from trainer.observe.mfu import peak_flops, use_tensor_cores
 from trainer.observe.progress import RunLog, StepRecord
+from trainer.parallel.ops import use_fused_kernels
 from trainer.parallel.timing import Clock
 from trainer.parallel.timing import seconds as step_seconds
 from trainer.runtime import Progress, StepResult, Worker, pick_device
@@ -214,6 +215,7 @@ def optimizer_state_bytes(optimizer) -> int:
 def run(cfg: Config, w: Worker, summary_path: str | None, out: TextIO) -> dict[str, Any]:
     """The training loop, the same for one process and for each of N ranks."""
     use_tensor_cores(w.device, cfg.train.dtype)
+    use_fused_kernels(cfg.train.fused_kernels)
     data = open_data(cfg)
     sampler = BatchSampler(
         data.num_tokens, cfg.model.seq_len, cfg.train.global_batch, cfg.train.seed

@@ -104,3 +104,32 @@ def test_the_loop_takes_rows_as_they_arrive_in_blocks_per_source_rank(dtype, gat
     torch.testing.assert_close(y, y_ref.detach()[inverse], **tol)
     for got, want in ((dx, x), (dg, g), (dw1, w1), (dw3, w3), (dw2, w2)):
         torch.testing.assert_close(got.to(want.dtype), want.grad, **tol)
+
+
+@pytest.mark.timeout(240)
+def test_fused_kernels_give_the_eager_values():
+    """train.fused_kernels: the compiled SwiGLU chains equal the eager passes (one compile
+    per chain, ~20 s on 2 cores; the only test that pays it)."""
+    counts = [5, 7, 3]
+    x, g, w1, w3, w2 = _case(torch.float32, counts, seed=2)
+    segments = ops.segments_of(counts)
+    with torch.no_grad():
+        eager = _fwd_bwd(x, g, segments, w1, w3, w2)
+        ops.use_fused_kernels(True)
+        try:
+            fused = _fwd_bwd(x, g, segments, w1, w3, w2)
+        finally:
+            ops.use_fused_kernels(False)
+    assert set(ops._FUSED_FNS) == {"silu_mul", "swiglu_gated", "swiglu_bwd"}  # they ran
+    for got, want in zip(fused, eager, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _fwd_bwd(x, g, segments, w1, w3, w2):
+    y, fc1, fc3 = ops.grouped_fwd(x, g, segments, w1, w3, w2, False, grouped=False)
+    dy = torch.linspace(-1, 1, y.numel()).view_as(y)
+    dx, dg, dw2, dfc1, dfc3 = ops.grouped_bwd_data(
+        dy, g, segments, fc1, fc3, w1, w3, w2, False, grouped=False
+    )
+    dw1, dw3 = ops.grouped_bwd_weights(x, segments, dfc1, dfc3, w1)
+    return y, dx, dg, dw1, dw3, dw2

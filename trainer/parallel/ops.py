@@ -141,6 +141,52 @@ def swiglu_act(fc1, fc3, gate_A):
     return F.silu(fc1) * fc3 * gate_A[:, None].to(fc1.dtype)
 
 
+# Fused elementwise work around the expert GEMMs (opt-in: ``train.fused_kernels``). The
+# SwiGLU activation with its gate, and its backward (gate gradient, FC1 and FC3 output
+# gradients), each become one generated kernel - torch.compile's inductor: vectorised C++
+# on the CPU (it needs a C++ compiler), Triton on a GPU - instead of 3 and 7 passes over
+# the [rows, h_ffn] tensors. Off by default: the first call compiles for about 20 s per
+# process and dtype (cached on disk for later processes), which short runs and the test
+# suite should not pay. Segments of fewer than 2 rows stay eager (sizes 0 and 1 would
+# each compile a specialised kernel).
+_FUSED_ON = {"on": False}
+_FUSED_FNS: dict[str, object] = {}
+
+
+def use_fused_kernels(on: bool) -> None:
+    """Turn the compiled elementwise kernels on or off for this process."""
+    _FUSED_ON["on"] = on
+
+
+def fused_kernels_apply(rows: torch.Tensor) -> bool:
+    return _FUSED_ON["on"] and rows.shape[0] >= 2
+
+
+def silu_mul(fc1, fc3):
+    """silu(fc1) * fc3 (one kernel when compiled)."""
+    return F.silu(fc1) * fc3
+
+
+def swiglu_gated(fc1, fc3, gate_A1):
+    """silu(fc1) * fc3 * gate: the FC2 input (one kernel when compiled)."""
+    return F.silu(fc1) * fc3 * gate_A1
+
+
+def swiglu_bwd(d_in, fc1, fc3, gate_A1):
+    """From d(act * gate) to (dgate, d_fc1, d_fc3), SiLU recomputed (one kernel compiled)."""
+    silu = F.silu(fc1)
+    dgate = (d_in * silu * fc3).sum(-1)
+    d_act = d_in * gate_A1
+    return dgate, torch.ops.aten.silu_backward(d_act * fc3, fc1), d_act * silu
+
+
+def _fused(name: str):
+    if name not in _FUSED_FNS:
+        fn = {"silu_mul": silu_mul, "swiglu_gated": swiglu_gated, "swiglu_bwd": swiglu_bwd}[name]
+        _FUSED_FNS[name] = torch.compile(fn, dynamic=True)
+    return _FUSED_FNS[name]
+
+
 def expert_bwd_data(dy_AH, fc1, fc3, gate_A, w1, w3, w2, gate_after=False, dx_out=None):
     """Backward of fc2(silu(fc1) * fc3 * gate) up to the input: everything but dW1, dW3.
 
@@ -149,11 +195,16 @@ def expert_bwd_data(dy_AH, fc1, fc3, gate_A, w1, w3, w2, gate_after=False, dx_ou
     Elementwise work is kept to the passes the math needs over the [rows, h_ffn]
     tensors: the gate scales dy's h columns, not the activation's h_ffn ones; SiLU's
     derivative comes from its fused backward kernel; products go in place into
-    tensors this function made. ``dx_out`` receives dx when given.
+    tensors this function made (or into one compiled kernel, see above). ``dx_out``
+    receives dx when given.
     """
-    silu = F.silu(fc1)
-    act = silu * fc3
     gate = gate_A[:, None].to(fc1.dtype)
+    fused = not gate_after and fused_kernels_apply(dy_AH)
+    if fused:
+        act = _fused("silu_mul")(fc1, fc3)
+    else:
+        silu = F.silu(fc1)
+        act = silu * fc3
     if gate_after:  # y = (act @ w2) * gate: the FP8 recipe's placement
         dgate = (dy_AH * (act @ w2)).sum(-1)
         dy_g = dy_AH * gate
@@ -161,11 +212,15 @@ def expert_bwd_data(dy_AH, fc1, fc3, gate_A, w1, w3, w2, gate_after=False, dx_ou
         d_act = dy_g @ w2.T
     else:  # y = (act * gate) @ w2
         dw2 = act.T @ (dy_AH * gate)
-        d_act = dy_AH @ w2.T  # d(act * gate)
-        dgate = (d_act * act).sum(-1)
-        d_act.mul_(gate)
-    d_fc3 = d_act * silu
-    d_fc1 = torch.ops.aten.silu_backward(d_act.mul_(fc3), fc1)
+        d_in = dy_AH @ w2.T  # d(act * gate)
+        if fused:
+            dgate, d_fc1, d_fc3 = _fused("swiglu_bwd")(d_in, fc1, fc3, gate)
+        else:
+            dgate = (d_in * act).sum(-1)
+            d_act = d_in.mul_(gate)
+    if not fused:
+        d_fc3 = d_act * silu
+        d_fc1 = torch.ops.aten.silu_backward(d_act.mul_(fc3), fc1)
     dx = torch.mm(d_fc1, w1.T, out=dx_out) if dx_out is not None else d_fc1 @ w1.T
     dx.addmm_(d_fc3, w3.T)
     return dx, dgate, dw2, d_fc1, d_fc3
@@ -335,11 +390,13 @@ def _looped_fwd(xs, gs, segments, w1, w3, w2, gate_after):
         x_e, g_e = xs[sl], gs[sl, None].to(xs.dtype)
         torch.mm(x_e, w1[e], out=fc1[sl])
         torch.mm(x_e, w3[e], out=fc3[sl])
-        act = F.silu(fc1[sl]).mul_(fc3[sl])
         if gate_after:
+            act = F.silu(fc1[sl]).mul_(fc3[sl])
             torch.mm(act, w2[e], out=y[sl]).mul_(g_e)
+        elif fused_kernels_apply(x_e):
+            torch.mm(_fused("swiglu_gated")(fc1[sl], fc3[sl], g_e), w2[e], out=y[sl])
         else:
-            torch.mm(act.mul_(g_e), w2[e], out=y[sl])
+            torch.mm(F.silu(fc1[sl]).mul_(fc3[sl]).mul_(g_e), w2[e], out=y[sl])
     return y, fc1, fc3
 
 
