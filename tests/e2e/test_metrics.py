@@ -1,6 +1,7 @@
 """Every rank of a running `megamoe train` serves Prometheus metrics of its own, at
 observe.metrics_port + local rank, with the contract's names and labels."""
 
+import random
 import re
 import socket
 import sys
@@ -12,11 +13,15 @@ from tests.procs import kill_group, start, wait_until
 
 
 def _two_free_ports() -> int:
-    for _ in range(50):
+    """Two consecutive free ports below the kernel's ephemeral range (32768-60999), so
+    the job's own rendezvous port, which the OS picks from that range, cannot take one
+    of them between this check and the exporters' bind (it did once, in CI)."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
         with socket.socket() as a, socket.socket() as b:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
             try:
+                a.bind(("127.0.0.1", port))
                 b.bind(("127.0.0.1", port + 1))
             except OSError:
                 continue
@@ -54,13 +59,15 @@ def test_each_rank_exports_its_step_comm_and_expert_metrics(demo_data, tmp_path)
     command += [x for s in sets for x in ("--set", s)] + ["--nproc", "2"]
     proc = start(command, tmp_path / "train.log")
     try:
-        wait_until(
-            lambda: all(
+
+        def three_steps() -> bool:
+            if proc.poll() is not None:  # the job ended: fail now, with its log
+                raise AssertionError((tmp_path / "train.log").read_text()[-2000:])
+            return all(
                 (_value(_scrape(p), "megamoe_steps_total") or 0) >= 3 for p in (port, port + 1)
-            ),
-            180,
-            "three steps on both exporters",
-        )
+            )
+
+        wait_until(three_steps, 180, "three steps on both exporters")
         texts = [_scrape(port), _scrape(port + 1)]
     finally:
         kill_group(proc)
