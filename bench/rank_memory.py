@@ -100,9 +100,13 @@ def main() -> None:
         f"cut from the whole reference {cut['peak_bytes'] / gib:.2f} GiB "
         f"({cut['peak_bytes'] / share:.2f}x)"
     )
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(a.json, result)
+    _write(a.json, result)
+
+
+def _write(path: str | None, result: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, result)
 
 
 def _from_config(a) -> None:
@@ -136,9 +140,7 @@ def _from_config(a) -> None:
         f"({alone['peak_bytes'] / share:.2f}x the share, "
         f"{alone['peak_bytes'] / whole:.2f}x the model)"
     )
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(a.json, result)
+    _write(a.json, result)
 
 
 if __name__ == "__main__":

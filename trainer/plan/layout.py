@@ -130,26 +130,10 @@ def planned_config(cfg: Config, gpus: int, global_batch: int) -> Config:
 
 def from_config(cfg: Config, gpus: int, global_batch: int) -> Layout:
     """The config as written on ``gpus`` GPUs (``planned_config``), with the method's
-    fixed parts; the DP/PP synchronisation overlaps when ``comm.overlap`` is on."""
+    fixed parts: the layout the trainer runs, on the paper's kernels, its DP/PP
+    synchronisation overlapping when ``comm.overlap`` is on."""
     cfg = planned_config(cfg, gpus, global_batch)
-    p, c = cfg.parallel, cfg.comm
-    return Layout(
-        n=p.n,
-        pp=p.pp,
-        dp=p.dp,
-        micro_batch=cfg.micro_batch_size,
-        attention=p.attention,
-        ffn=cfg.ffn_mode,
-        overlap=c.overlap,
-        chunks=c.chunks,
-        grad_sync=c.grad_sync,
-        fp8=c.fp8,
-        recompute="sar",
-        dp_overlap=c.overlap,
-        pp_async=True,
-        vocab_parallel=False,
-        virtual_stages=p.virtual_stages,
-    )
+    return replace(trainer_layout(cfg), dp_overlap=cfg.comm.overlap, implementation="ideal")
 
 
 def megamoe(cfg: Config, gpus: int, global_batch: int) -> Layout:
