@@ -53,6 +53,8 @@ def _ctx(comm, rank, world, a):
         rope_theta=1e4,
         eps=1e-5,
         expert_gemm={"auto": None, "grouped": True, "loop": False}[a.expert_gemm],
+        overlap=a.overlap,
+        chunks=a.chunks,
     )
 
 
@@ -163,6 +165,12 @@ def main() -> None:
         action="store_true",
         help="compiled SwiGLU elementwise kernels (train.fused_kernels; compiles in warm-up)",
     )
+    p.add_argument(
+        "--overlap",
+        action="store_true",
+        help="comm.overlap: all-to-alls run beside independent work (backward's dW GEMMs)",
+    )
+    p.add_argument("--chunks", type=int, default=1, help="comm.chunks: pipelined pieces")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     if a.experts % a.ep:

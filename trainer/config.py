@@ -102,6 +102,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch intra-op threads per rank; 0 = torch's default
     fused_kernels: bool = False  # SwiGLU elementwise work compiled (torch.compile)
+    host_memory: str = "keep"  # keep | release: freed host memory reused by the process
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "parallel.ffn": ("ep_a2a", "ep_agrs", "tp", "auto"),
     "train.dtype": ("fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.host_memory": ("keep", "release"),
     "comm.grad_sync": ("fp32_rs", "bf16_a2a"),
 }
 

@@ -22,6 +22,7 @@ from typing import Any, TextIO
 
 import torch
 
+from trainer import hostmem
 from trainer.atomic import write_json_atomic
 from trainer.config import Config, TrainConfig
 from trainer.data import BatchSampler, TokenData, batch_from_starts
@@ -216,6 +217,7 @@ def run(cfg: Config, w: Worker, summary_path: str | None, out: TextIO) -> dict[s
     """The training loop, the same for one process and for each of N ranks."""
     use_tensor_cores(w.device, cfg.train.dtype)
     use_fused_kernels(cfg.train.fused_kernels)
+    hostmem.apply(cfg.train.host_memory)
     data = open_data(cfg)
     sampler = BatchSampler(
         data.num_tokens, cfg.model.seq_len, cfg.train.global_batch, cfg.train.seed

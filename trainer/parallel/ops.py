@@ -187,7 +187,9 @@ def _fused(name: str):
     return _FUSED_FNS[name]
 
 
-def expert_bwd_data(dy_AH, fc1, fc3, gate_A, w1, w3, w2, gate_after=False, dx_out=None):
+def expert_bwd_data(
+    dy_AH, fc1, fc3, gate_A, w1, w3, w2, gate_after=False, dx_out=None, dw2_out=None, dw2_add=False
+):
     """Backward of fc2(silu(fc1) * fc3 * gate) up to the input: everything but dW1, dW3.
 
     Returns (dx, dgate, dw2, d_fc1, d_fc3); the activation is recomputed here.
@@ -196,7 +198,7 @@ def expert_bwd_data(dy_AH, fc1, fc3, gate_A, w1, w3, w2, gate_after=False, dx_ou
     tensors: the gate scales dy's h columns, not the activation's h_ffn ones; SiLU's
     derivative comes from its fused backward kernel; products go in place into
     tensors this function made (or into one compiled kernel, see above). ``dx_out``
-    receives dx when given.
+    receives dx when given; ``dw2_out`` receives dW2 (added to it with ``dw2_add``).
     """
     gate = gate_A[:, None].to(fc1.dtype)
     fused = not gate_after and fused_kernels_apply(dy_AH)
@@ -208,10 +210,10 @@ def expert_bwd_data(dy_AH, fc1, fc3, gate_A, w1, w3, w2, gate_after=False, dx_ou
     if gate_after:  # y = (act @ w2) * gate: the FP8 recipe's placement
         dgate = (dy_AH * (act @ w2)).sum(-1)
         dy_g = dy_AH * gate
-        dw2 = act.T @ dy_g
+        dw2 = mm_into(act.T, dy_g, dw2_out, dw2_add)
         d_act = dy_g @ w2.T
     else:  # y = (act * gate) @ w2
-        dw2 = act.T @ (dy_AH * gate)
+        dw2 = mm_into(act.T, dy_AH * gate, dw2_out, dw2_add)
         d_in = dy_AH @ w2.T  # d(act * gate)
         if fused:
             dgate, d_fc1, d_fc3 = _fused("swiglu_bwd")(d_in, fc1, fc3, gate)
@@ -224,6 +226,14 @@ def expert_bwd_data(dy_AH, fc1, fc3, gate_A, w1, w3, w2, gate_after=False, dx_ou
     dx = torch.mm(d_fc1, w1.T, out=dx_out) if dx_out is not None else d_fc1 @ w1.T
     dx.addmm_(d_fc3, w3.T)
     return dx, dgate, dw2, d_fc1, d_fc3
+
+
+def mm_into(a, b, out=None, add=False):
+    """``a @ b``; written into ``out`` when given, or added to it (``add``): a gradient
+    summed over row blocks needs no zero-filled buffer and no separate addition pass."""
+    if out is None:
+        return a @ b
+    return out.addmm_(a, b) if add else torch.mm(a, b, out=out)
 
 
 def expert_bwd(dy_AH, x_AH, fc1, fc3, gate_A, w1, w3, w2):
@@ -432,32 +442,39 @@ def grouped_bwd_data(dys, gs, segments, fc1, fc3, w1, w3, w2, gate_after=False, 
 
 def _looped_bwd_data(dys, gs, segments, fc1, fc3, w1, w3, w2, gate_after):
     dxs = dys.new_empty(dys.shape[0], w1.shape[1])
-    dgs, dfc1, dfc3 = [], [], []
-    dw2 = None
+    dw2 = dys.new_empty(w2.shape)
+    dgs, dfc1, dfc3, seen = [], [], [], set()
     start = 0
     for e, rows in segments:
         sl = slice(start, start + rows)
         start += rows
-        _, dg, g2, d1, d3 = expert_bwd_data(
-            dys[sl], fc1[sl], fc3[sl], gs[sl], w1[e], w3[e], w2[e], gate_after, dxs[sl]
+        _, dg, _, d1, d3 = expert_bwd_data(
+            dys[sl],
+            fc1[sl],
+            fc3[sl],
+            gs[sl],
+            w1[e],
+            w3[e],
+            w2[e],
+            gate_after,
+            dxs[sl],
+            dw2[e],
+            e in seen,
         )
-        dw2 = _accumulate(dw2, e, g2, w2)
+        seen.add(e)
         dgs.append(dg)
         dfc1.append(d1)
         dfc3.append(d3)
-    return dxs, cat_rows(dgs) if dgs else gs.new_zeros(0), _finish(dw2, w2), dfc1, dfc3
+    _zero_unseen(seen, dw2)
+    return dxs, cat_rows(dgs) if dgs else gs.new_zeros(0), dw2, dfc1, dfc3
 
 
-def _accumulate(acc, e, g, like):
-    """acc[e] += g, acc made (zeros, shaped and typed like ``like``) on first use."""
-    if acc is None:
-        acc = torch.zeros(like.shape, dtype=g.dtype, device=g.device)
-    acc[e] += g
-    return acc
-
-
-def _finish(acc, like):
-    return torch.zeros(like.shape, dtype=like.dtype, device=like.device) if acc is None else acc
+def _zero_unseen(seen, *grads):
+    """Experts no row reached have a zero gradient (their buffers were never written)."""
+    for e in range(grads[0].shape[0]):
+        if e not in seen:
+            for g in grads:
+                g[e].zero_()
 
 
 def grouped_bwd_weights(xs, segments, dfc1, dfc3, w1):
@@ -469,9 +486,12 @@ def grouped_bwd_weights(xs, segments, dfc1, dfc3, w1):
             xs, dfc3, segments, offs, w1
         )
     xs = xs.to(dfc1[0].dtype) if dfc1 else xs
-    dw1 = torch.zeros(w1.shape, dtype=xs.dtype, device=xs.device)
-    dw3 = torch.zeros_like(dw1)
+    dw1 = torch.empty(w1.shape, dtype=xs.dtype, device=xs.device)
+    dw3 = torch.empty_like(dw1)
+    seen = set()
     for (e, _), x, d1, d3 in zip(segments, _split(xs, segments), dfc1, dfc3, strict=True):
-        dw1[e].addmm_(x.T, d1)  # accumulates in place: no temporary, no separate add
-        dw3[e].addmm_(x.T, d3)
+        mm_into(x.T, d1, dw1[e], e in seen)  # an expert's later blocks add in place
+        mm_into(x.T, d3, dw3[e], e in seen)
+        seen.add(e)
+    _zero_unseen(seen, dw1, dw3)
     return dw1, dw3

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from trainer import hostmem
+
 INIT_TIMEOUT = timedelta(seconds=120)
 
 
@@ -28,6 +30,7 @@ def free_port() -> int:
 
 def _run_local_entry(rank, world, port, out_dir, threads, fn, args):
     torch.set_num_threads(threads)
+    hostmem.apply("keep")  # as training processes run (train.host_memory's default)
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
