@@ -79,7 +79,7 @@ def _build_row(rank: int, world: int, overrides: list[str]):
     from trainer.parallel.dims import ParallelDims
     from trainer.parallel.model import ParallelMoE
     from trainer.parallel.pipeline import StageRunner
-    from trainer.parallel.zero import ZeroOptimizer
+    from trainer.parallel.zero import ZeroOptimizer, chunk_arming
 
     cfg = apply_overrides(Config(), [*MODEL, *overrides])
     dims = ParallelDims.build(cfg, rank, world)
@@ -91,7 +91,11 @@ def _build_row(rank: int, world: int, overrides: list[str]):
         model, cfg.train, comms.n, comms.dp, cfg.comm.grad_sync, cfg.comm.overlap
     )
     runner = StageRunner(
-        model, cfg, comms.pp, (None, None), optimizer.arm if cfg.comm.overlap else None
+        model,
+        cfg,
+        comms.pp,
+        (None, None),
+        chunk_arming(optimizer, model) if cfg.comm.overlap else None,
     )
     return cfg, comms, runner, optimizer
 

@@ -183,7 +183,7 @@ def _build_step(cfg: Config, w: Worker):
     from trainer.parallel.model import build_parallel_model
     from trainer.parallel.pipeline import StageRunner
     from trainer.parallel.step import parallel_train_step
-    from trainer.parallel.zero import ZeroOptimizer
+    from trainer.parallel.zero import ZeroOptimizer, chunk_arming
 
     d, c = w.dims, w.comms
     model = build_parallel_model(cfg, c.n, d.n_index, w.device, stage=d.pp_index)
@@ -191,7 +191,8 @@ def _build_step(cfg: Config, w: Worker):
     # the pipeline ranks before and after this one, wrapping round (interleaving feeds
     # rank P - 1's chunk j to rank 0's chunk j + 1)
     peers = tuple(d.rank_of(d.dp_index, (d.pp_index + k) % d.pp, d.n_index) for k in (-1, 1))
-    runner = StageRunner(model, cfg, c.pp, peers, optimizer.arm if cfg.comm.overlap else None)
+    arm = chunk_arming(optimizer, model) if cfg.comm.overlap else None
+    runner = StageRunner(model, cfg, c.pp, peers, arm)
     L = cfg.model.seq_len // d.n
     rows = cfg.train.global_batch // d.dp
     shard = (

@@ -76,7 +76,7 @@ def _compare(rank, world, v):
     model.blocks[0].ln1_w.register_post_accumulate_grad_hook(lambda _: _bump(done, "first"))
     model.blocks[-1].ln1_w.register_post_accumulate_grad_hook(lambda _: _bump(done, "last"))
     armed = []
-    runner = StageRunner(model, cfg, comms.pp, peers, lambda: armed.append(dict(done)))
+    runner = StageRunner(model, cfg, comms.pp, peers, lambda c: armed.append((c, dict(done))))
     res = runner.run(batches, 1.0 / MICRO)
     sync_replicated_grads(model, comms.n)
 
@@ -144,9 +144,15 @@ def test_interleaving_places_the_chunks_round_robin_and_sends_v_times(run):
 
 
 @pytest.mark.timeout(300)
-def test_the_dp_sync_is_armed_once_before_the_very_last_backward(run):
+def test_the_dp_sync_is_armed_chunk_by_chunk_before_each_last_backward(run):
     _, v, by_rank = run
     for r in by_rank:
-        # once, when every backward but the step's last one (micro-batch M - 1 through
-        # chunk 0) is done: with v = 2 the rank's last layer (chunk 1) is finished by then
-        assert r["armed"] == [{"first": MICRO - 1, "last": MICRO - (v == 1)}]
+        if v == 1:  # once, before the step's last backward
+            assert r["armed"] == [(0, {"first": MICRO - 1, "last": MICRO - 1})]
+            continue
+        # chunk 1 (the rank's last layer) first, when its own M - 1 backwards are done and
+        # chunk 0 still has backwards to run; then chunk 0, chunk 1 finished by then
+        (c1, at1), (c0, at0) = r["armed"]
+        assert (c1, c0) == (1, 0)
+        assert at1["last"] == MICRO - 1 and at1["first"] < MICRO - 1
+        assert at0 == {"first": MICRO - 1, "last": MICRO}

@@ -89,3 +89,29 @@ def test_a_non_finite_gradient_on_one_rank_skips_the_step_everywhere():
     assert [r["skipped"] for r in results] == [True] * 4
     assert all(r["unchanged"] for r in results)
     assert all(r["flat"] for r in results)  # backward accumulated into the flat buffers
+
+
+def _arm_worker(rank, world):
+    """dp = 2 replicas of a 2-layer model; the sync armed for the last layer's parameters
+    only, then one backward: which buckets started their sync during it."""
+    cfg = small_config(1, "parallel.dp=2", "train.global_batch=2", "comm.overlap=true")
+    dims = ParallelDims.build(cfg, rank, world)
+    comms = Comms.from_dims(dims)
+    model = build_parallel_model(cfg, comms.n, dims.n_index, torch.device("cpu"))
+    opt = ZeroOptimizer(model, cfg.train, comms.n, comms.dp, cfg.comm.grad_sync, overlap=True)
+    tokens = torch.randint(0, 64, (1, 17), generator=torch.Generator().manual_seed(rank))
+    opt.arm(list(model.blocks[1].parameters()))
+    logits, bal, _ = model(tokens[:, :-1])
+    (model.local_loss(logits, tokens[:, 1:]) + bal).backward()
+    started = sorted({g.bucket for g in opt.groups if g.inflight is not None})
+    opt.reduce_gradients()  # finishes what started, starts and finishes the rest
+    return {"started": started, "buckets": sorted({g.bucket for g in opt.groups})}
+
+
+@pytest.mark.timeout(120)
+def test_arming_some_parameters_starts_only_their_buckets_during_backward():
+    for r in run_ranks(2, _arm_worker):
+        # bucket 0 is the last block's (backward finishes it first); bucket 1 the first
+        # block's, bucket 2 the embedding, final norm and head: not armed, not started
+        assert r["buckets"] == [0, 1, 2]
+        assert r["started"] == [0]

@@ -240,6 +240,16 @@ class ParallelMoE(nn.Module):
         """Whether local chunk ``chunk`` is the model's last (its output is logits)."""
         return self.last and chunk == self.chunks - 1
 
+    def chunk_parameters(self, chunk: int) -> list[nn.Parameter]:
+        """The parameters local chunk ``chunk`` computes: its blocks', and the embedding or
+        the final norm and head where the chunk is the model's first or last."""
+        mods = list(self.blocks[chunk * self.per_chunk : (chunk + 1) * self.per_chunk])
+        if self.takes_tokens(chunk):
+            mods.append(self.embed)
+        if self.gives_logits(chunk):
+            mods += [self.final_norm, self.head]
+        return [p for m in mods for p in m.parameters()]
+
     def forward(self, x: torch.Tensor, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Tokens or residual stream in; logits (the model's last chunk) or residual out."""
         if self.takes_tokens(chunk):

@@ -131,7 +131,9 @@ class StageRunner:
     ) -> None:
         self.model, self.cfg, self.pp = model, cfg, pp_comm
         self.clock = Clock(next(model.parameters()).device)
-        self.on_last_backward = on_last_backward  # e.g. ZeroOptimizer.arm: DP buckets overlap
+        # on_last_backward(chunk): called before each chunk's last backward of the step
+        # (e.g. to arm ZeroOptimizer with that chunk's parameters: DP buckets overlap)
+        self.on_last_backward = on_last_backward
         # Global ranks of the pipeline ranks before and after this one (rank 0's "before"
         # is rank P - 1: interleaving wraps round); None where there is no neighbour.
         self.prev_rank, self.next_rank = peers
@@ -144,10 +146,11 @@ class StageRunner:
     def run(self, micro_batches, scale: float) -> PipelineResult:
         order = schedule(self.pp.rank, self.pp.size, self.model.chunks, len(micro_batches))
         res, saved, sends = PipelineResult(), {}, []
+        last_backward = {chunk: step for step, (kind, _, chunk) in enumerate(order) if kind == "B"}
         start = self.clock.mark()
         for step, (kind, i, chunk) in enumerate(order):
-            if step == len(order) - 1 and self.on_last_backward:
-                self.on_last_backward()
+            if self.on_last_backward and last_backward[chunk] == step:
+                self.on_last_backward(chunk)
             if kind == "F":
                 saved[i, chunk] = self._forward(micro_batches[i], chunk, scale, res, sends)
             else:

@@ -99,6 +99,12 @@ def _buckets(model: nn.Module) -> list[list[nn.Parameter]]:
     return [b for b in buckets if b]
 
 
+def chunk_arming(optimizer: ZeroOptimizer, model: nn.Module):
+    """A pipeline's ``on_last_backward``: before a chunk's last backward of the step, arm
+    the buckets of that chunk's parameters (``model.chunk_parameters``)."""
+    return lambda chunk: optimizer.arm(model.chunk_parameters(chunk))
+
+
 class ZeroOptimizer:
     """AdamW over this rank's shards, with the gradient sync and parameter gather around it.
 
@@ -152,7 +158,7 @@ class ZeroOptimizer:
             foreach=True,
         )
         self.param_groups = self.adamw.param_groups
-        self.armed = False
+        self._armed: set[int] = set()  # buckets whose sync starts when backward finishes them
         self._waiting: dict[int, int] = {}
         self._gathering: dict[int, list] = {}  # bucket -> finishers of its parameter gather
         if overlap:
@@ -167,15 +173,23 @@ class ZeroOptimizer:
             rest = len(blocks)  # the bucket of embedding, final norm and head
             model.register_forward_pre_hook(lambda _m, _a: self.wait_params(rest))
 
-    def arm(self) -> None:
-        """The next backward is the step's last: start each bucket's sync when it is done."""
-        self.armed = True
-        self._waiting = {}
-        for g in self.groups:
-            self._waiting[g.bucket] = self._waiting.get(g.bucket, 0) + len(g.params)
+    def arm(self, params=None) -> None:
+        """The next backward is the last one through ``params`` (default: every parameter)
+        this step: start the sync of each bucket made only of them as soon as it is done.
+
+        An interleaved pipeline rank arms chunk by chunk, before each chunk's last backward
+        (its chunks finish at different times). A bucket with parameters outside ``params``
+        is not armed: some of its gradients may still be accumulating after this backward
+        (``reduce_gradients`` starts it)."""
+        ids = None if params is None else {id(p) for p in params}
+        for bucket in {g.bucket for g in self.groups}:
+            members = [p for g in self.groups if g.bucket == bucket for p in g.params]
+            if ids is None or all(id(p) in ids for p in members):
+                self._armed.add(bucket)
+                self._waiting[bucket] = len(members)
 
     def _ready(self, bucket: int) -> None:
-        if not self.armed:
+        if bucket not in self._armed:
             return
         self._waiting[bucket] -= 1
         if self._waiting[bucket] == 0:
@@ -238,7 +252,7 @@ class ZeroOptimizer:
 
     def reduce_gradients(self) -> None:
         """Sum gradients over their sync class; leaves each group's shard in master.grad."""
-        self.armed = False
+        self._armed.clear()
         for g in self.groups:
             self._start(g)  # no-op for buckets already in flight
         for g in self.groups:
