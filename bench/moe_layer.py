@@ -2,7 +2,8 @@
 
     python bench/moe_layer.py --hidden 512 --ffn 1024 --experts 8 --topk 2 --tokens 4096 \\
         --ep 2 --dtype fp32 [--mode ep_a2a|ep_agrs] [--capacity-factor 0] [--warmup 3] \\
-        [--steps 10] [--threads 1] [--expert-gemm auto|grouped|loop] [--json FILE]
+        [--steps 10] [--threads 1] [--expert-gemm auto|grouped|loop] [--overlap] \\
+        [--chunks 1] [--fused] [--json FILE]
 
 ``--tokens`` is tokens per rank. Each of the ``--ep`` local gloo ranks routes
 its tokens (top-k softmax router), dispatches them to the rank holding each
@@ -10,8 +11,9 @@ expert, runs the grouped SwiGLU GEMMs, combines, then runs the hand-written
 backward of all of it (the macro module's MoE half, SAR recomputation
 included). Reported: the median over steps of the slowest rank's step time,
 and the roofline - the time this machine's GEMMs need for the same FLOPs at
-the same shapes, measured by a probe on every rank at once in the same run -
-as a ratio (roofline / measured = the share of GEMM speed the layer reaches).
+the same shapes, measured by a probe on every rank at once in the same run
+(after every step and at the end; its best sample) - as a ratio (roofline /
+measured = the share of GEMM speed the layer reaches).
 """
 
 from __future__ import annotations
@@ -71,18 +73,33 @@ def _layer_step(ctx, x, router_w, w1, w3, w2):
     return saved["dropped"]
 
 
-def _probe(rows, h, f, dtype, repeats):
-    """Seconds per FLOP of this layer's GEMM shapes: [rows, h] x [h, f] and [rows, f] x [f, h]."""
-    a, b = torch.randn(rows, h, dtype=dtype), torch.randn(h, f, dtype=dtype)
-    c, d = torch.randn(rows, f, dtype=dtype), torch.randn(f, h, dtype=dtype)
-    best = float("inf")
-    for _ in range(repeats):
-        dist.barrier()
-        start = time.perf_counter()
-        a @ b
-        c @ d
-        best = min(best, time.perf_counter() - start)
-    return best / (4 * rows * h * f)
+class Probe:
+    """Seconds per FLOP of this layer's GEMM shapes: [rows, h] x [h, f] and [rows, f] x [f, h],
+    every rank at once; the best of every sample taken during the run.
+
+    Sampled after each step as well as at the end: on a shared machine a burst of
+    load can cover a few consecutive samples (once it made the roofline 1.8x too
+    slow and the layer "138 %" of it), and the best sample of the whole run is the
+    GEMM speed the machine really offered. More samples can only lower the ratio."""
+
+    def __init__(self, rows, h, f, dtype):
+        self.a, self.b = torch.randn(rows, h, dtype=dtype), torch.randn(h, f, dtype=dtype)
+        self.c, self.d = torch.randn(rows, f, dtype=dtype), torch.randn(f, h, dtype=dtype)
+        self.flops = 4 * rows * h * f
+        self.best = float("inf")
+        self.samples = 0
+
+    def sample(self, repeats: int = 1) -> None:
+        for _ in range(repeats):
+            dist.barrier()
+            start = time.perf_counter()
+            self.a @ self.b
+            self.c @ self.d
+            self.best = min(self.best, time.perf_counter() - start)
+            self.samples += 1
+
+    def sec_per_flop(self) -> float:
+        return self.best / self.flops
 
 
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::_grouped_mm")
@@ -131,6 +148,8 @@ def _run(rank, world, a):
     router_w = torch.randn(a.experts, a.hidden, dtype=dtype) * 0.02
     w1, w3 = (torch.randn(el, a.hidden, a.ffn, dtype=dtype) * 0.02 for _ in range(2))
     w2 = torch.randn(el, a.ffn, a.hidden, dtype=dtype) * 0.02
+    # Balanced routing gives each local expert tokens * topk / experts_per_rank rows.
+    probe = Probe(a.tokens * a.topk // el, a.hidden, a.ffn, dtype)
     times, dropped = [], 0
     for step in range(a.warmup + a.steps):
         dist.barrier()
@@ -138,11 +157,18 @@ def _run(rank, world, a):
         dropped = _layer_step(ctx, x, router_w, w1, w3, w2)
         if step >= a.warmup:
             times.append(time.perf_counter() - start)
-    # Balanced routing gives each local expert tokens * topk / experts_per_rank rows.
-    sec_per_flop = _probe(a.tokens * a.topk // el, a.hidden, a.ffn, dtype, repeats=5)
+            probe.sample()
+    probe.sample(repeats=5)
+    sec_per_flop = probe.sec_per_flop()
     dist.barrier()
     split = _profile(lambda: _layer_step(ctx, x, router_w, w1, w3, w2))
-    return {"times": times, "sec_per_flop": sec_per_flop, "dropped": dropped, "profile": split}
+    return {
+        "times": times,
+        "sec_per_flop": sec_per_flop,
+        "probe_samples": probe.samples,
+        "dropped": dropped,
+        "profile": split,
+    }
 
 
 def main() -> None:
@@ -186,6 +212,7 @@ def main() -> None:
         "step_s": step_s,
         "roofline_s": roofline_s,
         "roofline_ratio": roofline_s / step_s,
+        "roofline_samples": ranks[0]["probe_samples"],
         "tflops_per_rank": flops_per_rank / step_s / 1e12,
         "dropped_rows_last_step": sum(r["dropped"] for r in ranks),
         "step_times_s": slowest,

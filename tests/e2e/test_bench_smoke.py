@@ -21,9 +21,11 @@ def no_matplotlib(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_moe_layer_benchmark_writes_json(tmp_path):
+@pytest.mark.parametrize("extra", ["", "--overlap --chunks 2"], ids=["plain", "overlap-chunks"])
+def test_moe_layer_benchmark_writes_json(tmp_path, extra):
     out = tmp_path / "moe.json"
-    args = "--hidden 32 --ffn 64 --experts 4 --topk 2 --tokens 64 --ep 2 --warmup 1 --steps 2"
+    args = "--hidden 32 --ffn 64 --experts 4 --topk 2 --tokens 64 --ep 2 --warmup 1 --steps 2 "
+    args += extra
     res = subprocess.run(
         [sys.executable, "bench/moe_layer.py", *args.split(), "--json", str(out)],
         cwd=ROOT,
@@ -35,6 +37,7 @@ def test_moe_layer_benchmark_writes_json(tmp_path):
     result = json.loads(out.read_text())
     assert len(result["step_times_s"]) == 2
     assert result["step_s"] > 0 and result["roofline_s"] > 0
+    assert result["roofline_samples"] == 2 + 5  # after each timed step, then 5 at the end
     assert "of roofline" in res.stdout
 
 
