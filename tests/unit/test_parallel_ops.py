@@ -109,3 +109,17 @@ def test_auto_picks_all_to_all_while_topk_is_below_n(topk, n, mode):
         Config(), ["model.experts=8", f"model.topk={topk}", f"parallel.n={n}", "parallel.ffn=auto"]
     )
     assert cfg.ffn_mode == mode
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_slot_sums_equal_the_reduction(k, dtype):
+    from trainer.model.experts import sum_slots
+
+    rows = torch.randn(64, k, 48, generator=torch.Generator().manual_seed(k)).to(dtype)
+    got, want = sum_slots(rows), rows.sum(1)
+    assert got.dtype == dtype and got.shape == (64, 48)
+    if k <= 2:  # one rounding of the same two terms: bit for bit
+        assert torch.equal(got, want)
+    else:  # summed in fp32 and rounded once, like the reduction; the order may differ
+        torch.testing.assert_close(got, want)

@@ -88,7 +88,28 @@ class RoutedExperts(nn.Module):
         y_AH = swiglu_grouped(x_AH, gate_A, self.w1, self.w3, self.w2, rows.counts_E)
         # Gather back through the same mapping; dropped slots stay zero.
         out_TkH = y_AH.new_zeros(T * k, H).index_copy(0, rows.slot_A, y_AH)
-        return out_TkH.view(T, k, H).sum(1)
+        return sum_slots(out_TkH.view(T, k, H))
+
+
+def sum_slots(rows_TkH: torch.Tensor) -> torch.Tensor:
+    """[T, k, H] -> [T, H]: each token's k expert outputs summed.
+
+    As additions of [T, H] slices: torch's reduction over a short middle dimension
+    runs about 10x slower on the CPU (measured 5.1 ms against 0.5 ms for 4096 x 2 x
+    512 bf16). In bf16/fp16 more than two slots are summed in fp32 and rounded once,
+    as the reduction would."""
+    k = rows_TkH.shape[1]
+    if k == 1:
+        return rows_TkH[:, 0].clone()
+    if k == 2 or rows_TkH.dtype == torch.float32:
+        out = torch.add(rows_TkH[:, 0], rows_TkH[:, 1])
+        for j in range(2, k):
+            out = out + rows_TkH[:, j]
+        return out
+    out = rows_TkH[:, 0].float()
+    for j in range(1, k):
+        out = out + rows_TkH[:, j]
+    return out.to(rows_TkH.dtype)
 
 
 class DenseSwiGLU(nn.Module):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from trainer.model.experts import sum_slots
 from trainer.model.router import capacity_keep, group_capacity
 from trainer.parallel.comm import DoneHandle, JoinedHandle, PiecesOneAhead, issuer
 from trainer.parallel.fp8comm import all_gather_fp8, all_to_all_fp8, reduce_scatter_fp8
@@ -264,7 +265,7 @@ def _to_rank_major(rows_piece_major: torch.Tensor, index: torch.Tensor) -> torch
 
 def _gather_slots(rows_AH, slot_place, T_l, k):
     """Rows in dispatch order -> [T_l, H]: back through the row mapping, summed over slots."""
-    return rows_at(rows_AH, slot_place).view(T_l, k, -1).sum(1)
+    return sum_slots(rows_at(rows_AH, slot_place).view(T_l, k, -1))
 
 
 def _order_received(ctx, pieces, recv_NKE, recv_meta, tokens, k, grouped: bool):
@@ -339,7 +340,7 @@ def a2a_backward(ctx, d_out, recompute_x2, w1, w3, w2, saved, side=None):
     piece's dx is combined while its dW1/dW3 and the next piece's data gradients run;
     the gate gradients of all pieces go back in one all-to-all at the end."""
     s = saved
-    T_l, H = d_out.shape
+    T_l = d_out.shape[0]
     k = ctx.topk
     issue = issuer(ctx)
     pieces, token_of = s["pieces"], s["token_of"]
@@ -375,7 +376,7 @@ def a2a_backward(ctx, d_out, recompute_x2, w1, w3, w2, saved, side=None):
     d_g_recv = _to_rank_major(cat_rows(dgs_all), s["recv_major"])
     g_back = issue(ctx.comm.all_to_all, d_g_recv, fwd_out, fwd_in, "ep_meta")
     back = cat_rows([b.wait() for b in backs]).to(d_out.dtype)
-    d_x2 = d_out.new_zeros(T_l, H).index_add(0, token_of, back)
+    d_x2 = _gather_slots(back, s["slot_place"], T_l, k)  # each token's slots summed
     d_g_send = rows_at(g_back.wait(), s["send_major"])  # piece-major: the send order
     d_gates = rows_at(d_g_send, s["slot_place"])  # back to (token, slot) order
     dw1, dw3, dw2 = (g.to(w.dtype) for g, w in zip(dw, (w1, w3, w2), strict=True))
@@ -420,7 +421,7 @@ def gathered_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved, side=None):
         rows_at(x_all, tokens), gs, segments_of(counts), w1, w3, w2, ctx.fp8, ctx.expert_gemm
     )
     full = ys.new_zeros(n * T_l * k, ys.shape[-1]).index_copy(0, slot_sel, ys)
-    summed = full.view(n * T_l, k, -1).sum(1)
+    summed = sum_slots(full.view(n * T_l, k, -1))
     if ctx.fp8:
         out = reduce_scatter_fp8(ctx, summed, "ffn_rs")
     else:

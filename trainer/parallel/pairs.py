@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import torch
 
+from trainer.model.experts import sum_slots
 from trainer.parallel.comm import JoinedHandle, PiecesOneAhead, issuer
 from trainer.parallel.fp8comm import all_gather_fp8, reduce_scatter_fp8
 from trainer.parallel.hostsync import counts_of, host_ints
@@ -187,7 +188,7 @@ def ag_grouped_gemm_rs(ctx, x2, mine, gs_all, ids_all, first, w1, w3, w2, chunks
         ys, fc1, fc3 = grouped_fwd(
             x_c[slots // k], g_c, list(enumerate(counts)), w1, w3, w2, ctx.fp8, ctx.expert_gemm
         )
-        full = ys.new_zeros(n * Tc * k, H).index_copy(0, slots, ys).view(n * Tc, k, H).sum(1)
+        full = sum_slots(ys.new_zeros(n * Tc * k, H).index_copy(0, slots, ys).view(n * Tc, k, H))
         if ctx.fp8:
             outs.append(reduce_scatter_fp8(ctx, full, "ffn_rs"))
         else:
