@@ -219,3 +219,14 @@ def test_bad_input_is_one_line_naming_it(case, tmp_path):
     line = one_line_error(megamoe("report", *args, timeout=60))
     assert ("job-1234" if case == "no-server" else str(target)) in line
     assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.timeout(60)
+def test_rank_times_at_the_fastest_step_time_are_drawn_visibly(tmp_path):
+    # Two ranks, one warm-up step, then every step as fast as the fastest but one: most
+    # cells sit at the bottom of the colour scale. They must read as data (a colour), not
+    # as blank (the near-black of a dark colour map's low end, as the CI run once saw).
+    summary = synthetic(steps=6)
+    summary["rank_step_times_s"] = [[0.9, 0.1, 0.1, 0.1, 0.3, 0.1], [0.8, 0.1, 0.1, 0.1, 0.1, 0.1]]
+    report(tmp_path, summary)
+    assert_has_data(tmp_path / "report" / "rank_step_times.png")
