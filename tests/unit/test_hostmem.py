@@ -20,10 +20,12 @@ from trainer.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# A step's worth of allocation, ten times: tensors of 48 MiB (above the 32 MiB cap of
+# A step's worth of allocation, thirty times: tensors of 48 MiB (above the 32 MiB cap of
 # glibc's own adaptive threshold, as a large model's activations are) made, used and
 # freed; the minor page faults of the last three rounds are what steady-state training
-# steps would pay.
+# steps would pay. With keep, the heap grows for the first 5 to 9 rounds (measured; the
+# aligned blocks land at new addresses until the freed ones coalesce into a hole large
+# enough) and then stays: ten rounds were once too few under the suite's load.
 PROBE = """
 import json, resource, sys
 sys.path.insert(0, {root!r})
@@ -36,7 +38,7 @@ def step():
     return sum(float(t[-1]) for t in ts)
 
 faults = []
-for _ in range(10):
+for _ in range(30):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
