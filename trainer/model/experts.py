@@ -99,17 +99,15 @@ def sum_slots(rows_TkH: torch.Tensor) -> torch.Tensor:
     512 bf16). In bf16/fp16 more than two slots are summed in fp32 and rounded once,
     as the reduction would."""
     k = rows_TkH.shape[1]
-    if k == 1:
-        return rows_TkH[:, 0].clone()
-    if k == 2 or rows_TkH.dtype == torch.float32:
-        out = torch.add(rows_TkH[:, 0], rows_TkH[:, 1])
-        for j in range(2, k):
+    if k > 2 and rows_TkH.dtype != torch.float32:
+        out = rows_TkH[:, 0].float()
+        for j in range(1, k):
             out = out + rows_TkH[:, j]
-        return out
-    out = rows_TkH[:, 0].float()
-    for j in range(1, k):
+        return out.to(rows_TkH.dtype)
+    out = rows_TkH[:, 0].clone() if k == 1 else torch.add(rows_TkH[:, 0], rows_TkH[:, 1])
+    for j in range(2, k):
         out = out + rows_TkH[:, j]
-    return out.to(rows_TkH.dtype)
+    return out
 
 
 class DenseSwiGLU(nn.Module):
