@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 from trainer import __version__
 from trainer.errors import MegamoeError
+from trainer.quickexit import freeze_at_exit
 
 EXIT_USAGE = 2
 
@@ -349,6 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("megamoe: interrupted", file=sys.stderr)
         return 130
+    finally:
+        freeze_at_exit()  # registered last, so it runs first at exit
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ one rank of a world that torchrun (or Slurm, or a person) started.
 The layout and the data are checked in the parent before any process or
 process group exists, so a bad layout fails with its numbers at once. Ranks
 are spawned processes (gloo on CPU, NCCL on GPUs, one GPU per rank) that
-rendezvous over a TCP store on a free loopback port. Rank 0 prints the
+rendezvous over a TCP store this process hosts (``spawn.launcher_store``). Rank 0 prints the
 progress display and writes the summary; a failing rank's error comes back
 as one line naming the rank.
 
@@ -35,7 +35,8 @@ from trainer.errors import MegamoeError
 from trainer.observe.mfu import peak_flops
 from trainer.parallel.comm import Comms
 from trainer.parallel.dims import ParallelDims, check_layout
-from trainer.parallel.spawn import INIT_TIMEOUT, free_port
+from trainer.parallel.spawn import INIT_TIMEOUT, join, launcher_store
+from trainer.quickexit import freeze_at_exit
 from trainer.runtime import Worker, pick_device
 from trainer.train import open_data, run
 
@@ -52,19 +53,14 @@ def backend_for(device: torch.device) -> str:
 def _worker(
     rank: int, cfg: Config, world: int, port: int, summary_path, peak: float, resume_from
 ) -> None:
+    freeze_at_exit()
     device = pick_device(cfg.train.device)
     if device.type == "cuda":
         device = torch.device("cuda", rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // world)
     torch.set_num_threads(threads)
-    dist.init_process_group(
-        backend_for(device),
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=INIT_TIMEOUT,
-    )
+    join(backend_for(device), port, rank, world)
     try:
         dims = ParallelDims.build(cfg, rank, world)
         comms = Comms.from_dims(dims, device)
@@ -97,10 +93,11 @@ def launch(
     check_layout(cfg, nproc)
     open_data(cfg)  # a missing or mismatched corpus fails here, once, not on every rank
     peak = machine_peak(cfg, nproc)
+    store = launcher_store()
     try:
         mp.start_processes(
             _worker,
-            args=(cfg, nproc, free_port(), summary_path, peak, resume_from),
+            args=(cfg, nproc, store.port, summary_path, peak, resume_from),
             nprocs=nproc,
             start_method="spawn",
         )

@@ -32,6 +32,7 @@ from trainer.model import MoETransformer, flops_per_token, lm_loss, total_params
 from trainer.model.flops import activated_gemm_params
 from trainer.observe.mfu import peak_flops, use_tensor_cores
 from trainer.observe.progress import RunLog, StepRecord
+from trainer.optim import adamw
 from trainer.parallel.ops import use_fused_kernels
 from trainer.parallel.timing import Clock
 from trainer.parallel.timing import seconds as step_seconds
@@ -61,7 +62,7 @@ def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.Optim
         {"params": decay, "weight_decay": t.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), foreach=True)
+    return adamw(groups, t.lr, (t.beta1, t.beta2))
 
 
 def open_data(cfg: Config) -> TokenData:

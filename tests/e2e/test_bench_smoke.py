@@ -109,3 +109,33 @@ def test_pipeline_benchmark_without_a_corpus_fails_at_once(tmp_path):
     )
     assert res.returncode == 2, res.stderr[-2000:]
     assert "no prepared corpus" in res.stderr and "make demo" in res.stderr
+
+
+@pytest.mark.timeout(120)
+def test_startup_benchmark_times_each_phase_of_a_real_run(tmp_path, demo_data):
+    out = tmp_path / "startup.json"
+    argv = ["bench/startup.py", "--nproc", "2", "--repeats", "1", "--steps", "2"]
+    res = subprocess.run(
+        [sys.executable, *argv, "--data", str(demo_data), "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    med = json.loads(out.read_text())["results"]["2"]["median"]
+    assert 0 < med["banner_s"] <= med["first_step_s"] <= med["done_s"] < med["wall_s"]
+    assert med["exit_after_done_s"] >= 0
+    assert "--nproc 2: banner" in res.stdout
+
+
+@pytest.mark.timeout(60)
+def test_startup_benchmark_without_a_corpus_fails_at_once(tmp_path):
+    res = subprocess.run(
+        [sys.executable, "bench/startup.py", "--data", str(tmp_path / "none")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert res.returncode == 2 and "no prepared corpus" in res.stderr, res.stderr[-2000:]

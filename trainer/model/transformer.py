@@ -24,7 +24,7 @@ from torch import nn
 from trainer.config import ModelConfig
 from trainer.model.experts import DenseSwiGLU, RoutedExperts
 from trainer.model.init import base_seed
-from trainer.model.layers import Attention, RMSNorm, init_weights
+from trainer.model.layers import Attention, Embedding, Linear, RMSNorm, init_weights
 from trainer.model.router import balance_loss, route
 
 
@@ -42,7 +42,7 @@ class MoEFFN(nn.Module):
     def __init__(self, cfg: ModelConfig, groups: int) -> None:
         super().__init__()
         self.cfg, self.groups = cfg, groups
-        self.router = nn.Linear(cfg.hidden, cfg.experts, bias=False)
+        self.router = Linear(cfg.hidden, cfg.experts)
         self.experts = RoutedExperts(cfg.experts, cfg.hidden, cfg.ffn_hidden)
         self.shared = (
             DenseSwiGLU(cfg.hidden, cfg.shared_experts * cfg.shared_hidden)
@@ -90,10 +90,10 @@ class MoETransformer(nn.Module):
         # generator, so build_parallel_model draws the same after the same manual_seed.
         seed = base_seed(seed)
         self.cfg, self.groups = cfg, groups
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        self.embed = Embedding(cfg.vocab_size, cfg.hidden)
         self.blocks = nn.ModuleList(Block(cfg, groups) for _ in range(cfg.layers))
         self.final_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
-        self.head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+        self.head = Linear(cfg.hidden, cfg.vocab_size)
         init_weights(self, cfg, seed)
 
     def forward(self, tokens_BS: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:

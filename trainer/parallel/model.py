@@ -26,7 +26,7 @@ from torch import nn
 
 from trainer.config import Config
 from trainer.model.init import base_seed, init_placed
-from trainer.model.layers import RMSNorm
+from trainer.model.layers import Embedding, Linear, RMSNorm
 from trainer.model.transformer import MoETransformer
 from trainer.parallel.block import LayerCtx, LayerResult, MacroLayer
 from trainer.parallel.comm import Comm
@@ -219,11 +219,11 @@ class ParallelMoE(nn.Module):
             ParallelBlock(cfg, self.ctx, reference.blocks[layer], layer) for layer in self.layers
         )
         if self.first:
-            self.embed = nn.Embedding(m.vocab_size, m.hidden)
+            self.embed = Embedding(m.vocab_size, m.hidden)
             self.embed.load_state_dict(reference.embed.state_dict())
         if self.last:
             self.final_norm = RMSNorm(m.hidden, m.norm_eps)
-            self.head = nn.Linear(m.hidden, m.vocab_size, bias=False)
+            self.head = Linear(m.hidden, m.vocab_size)
             self.final_norm.load_state_dict(reference.final_norm.state_dict())
             self.head.load_state_dict(reference.head.state_dict())
         for name, p in self.named_parameters():

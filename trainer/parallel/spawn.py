@@ -1,8 +1,15 @@
-"""Fresh gloo ranks on this machine: a free loopback port and ``run_local``.
+"""Fresh gloo ranks on this machine: the launcher's rendezvous store and ``run_local``.
 
 ``run_local`` is how tests and benchmarks run a function on N ranks and collect
-what each returns; ``megamoe train --nproc N`` (``trainer.launch``) uses the same
-port helper and timeout.
+what each returns; ``megamoe train --nproc N`` (``trainer.launch``) starts its
+ranks the same way.
+
+The launching process hosts the ranks' rendezvous store (``launcher_store``) and
+each rank joins it as a client (``join``): a store hosted by rank 0 is not
+listening yet when a rank that started sooner first knocks, and that rank then
+backs off before trying again - measured 0.01-0.75 s lost per start, against
+under 0.07 s with the store already up. The store binds a port the kernel picks,
+so nothing can take it between choosing and binding.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from trainer import hostmem
+from trainer.quickexit import freeze_at_exit
 
 INIT_TIMEOUT = timedelta(seconds=120)
 
@@ -28,16 +36,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launcher_store() -> dist.TCPStore:
+    """The rendezvous store of ranks this process starts, on a loopback port of the
+    kernel's choosing (``.port``); it serves while this object lives."""
+    return dist.TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=INIT_TIMEOUT
+    )
+
+
+def join(backend: str, port: int, rank: int, world: int) -> None:
+    """Join the default process group through the launcher's store on ``port``."""
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=INIT_TIMEOUT)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=INIT_TIMEOUT)
+
+
 def _run_local_entry(rank, world, port, out_dir, threads, fn, args):
     torch.set_num_threads(threads)
+    freeze_at_exit()
     hostmem.apply("keep")  # as training processes run (train.host_memory's default)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=INIT_TIMEOUT,
-    )
+    join("gloo", port, rank, world)
     try:
         torch.save(fn(rank, world, *args), Path(out_dir) / f"rank{rank}.pt")
     finally:
@@ -50,10 +67,11 @@ def run_local(world: int, fn, *args, threads: int = 1) -> list:
     ``fn`` must be importable (a module-level function) and return something
     ``torch.save`` can store.
     """
+    store = launcher_store()
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(
             _run_local_entry,
-            args=(world, free_port(), out_dir, threads, fn, args),
+            args=(world, store.port, out_dir, threads, fn, args),
             nprocs=world,
             start_method="spawn",
         )

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from trainer.config import TrainConfig
+from trainer.optim import adamw
 from trainer.parallel.comm import Comm
 
 # Chunks of the hierarchical (intra-node, then inter-node) sync of replicated gradients.
@@ -145,7 +146,7 @@ class ZeroOptimizer:
                         group = self._flatten(params, replicated, decay)
                         group.bucket = bucket
                         self.groups.append(group)
-        self.adamw = torch.optim.AdamW(
+        self.adamw = adamw(
             [
                 {
                     "params": [g.master for g in self.groups if g.decay],
@@ -153,11 +154,13 @@ class ZeroOptimizer:
                 },
                 {"params": [g.master for g in self.groups if not g.decay], "weight_decay": 0.0},
             ],
-            lr=t.lr,
-            betas=(t.beta1, t.beta2),
-            foreach=True,
+            t.lr,
+            (t.beta1, t.beta2),
         )
         self.param_groups = self.adamw.param_groups
+        self._members: dict[int, list[nn.Parameter]] = {}  # bucket -> its parameters
+        for g in self.groups:
+            self._members.setdefault(g.bucket, []).extend(g.params)
         self._armed: set[int] = set()  # buckets whose sync starts when backward finishes them
         self._waiting: dict[int, int] = {}
         self._gathering: dict[int, list] = {}  # bucket -> finishers of its parameter gather
@@ -182,8 +185,7 @@ class ZeroOptimizer:
         is not armed: some of its gradients may still be accumulating after this backward
         (``reduce_gradients`` starts it)."""
         ids = None if params is None else {id(p) for p in params}
-        for bucket in {g.bucket for g in self.groups}:
-            members = [p for g in self.groups if g.bucket == bucket for p in g.params]
+        for bucket, members in self._members.items():
             if ids is None or all(id(p) in ids for p in members):
                 self._armed.add(bucket)
                 self._waiting[bucket] = len(members)
