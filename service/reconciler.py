@@ -22,6 +22,7 @@ least every 5 s), so a month-long run stays at a few thousand events.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -42,6 +43,14 @@ TICK_S = 0.5
 STOP_GRACE_S = 10.0
 MIN_PROGRESS_EVERY_S = 5.0
 MAX_NODE_EVENTS = 32  # per commit; more are summed up in one event (etcd caps a transaction)
+PEER_LOSS_WAIT_S = 5.0  # the longest a restart waits for the node that failed first
+# A rank's error when a peer's connection broke (gloo, NCCL, the TCP store): the ranks that
+# see it are victims of another node's failure.
+PEER_LOSS = re.compile(
+    r"closed by peer|reset by peer|remote worker crash|remote process exited|"
+    r"communicator was aborted|Broken pipe",
+    re.IGNORECASE,
+)
 
 
 def progress_interval(elapsed_s: float) -> float:
@@ -141,6 +150,7 @@ def decide(
             continue
         node.exit_code = seen.exit_code or 0
         node.signal = seen.signal or 0
+        node.end_time.FromNanoseconds(now_ns)
         if seen.exit_code == 0 and not seen.lost:
             node.state, node.message = pb.NODE_SUCCEEDED, "exited with code 0"
         else:
@@ -160,9 +170,11 @@ def decide(
                 )
             )
 
+    failed = [n for n in status.nodes if n.state == pb.NODE_FAILED]  # this world's, so far
     if failed:
-        # the node whose log says why (megamoe's own error) before one that only saw a peer go
-        first = min(failed, key=lambda n: "megamoe: error" not in n.message)
+        if _await_cause(status, failed, now_ns):
+            return plan
+        first = min(failed, key=_cause_rank)
         for node in status.nodes:
             if node.state == pb.NODE_RUNNING:
                 node.state, node.message = pb.NODE_STOPPED, f"stopped: node {first.index} failed"
@@ -230,6 +242,34 @@ def decide(
             message = f"succeeded: final loss {status.final_loss:.4f}"
         return _finish(plan, pb.SUCCEEDED, message, now_ns)
     return plan
+
+
+def _lost_a_peer(node: pb.NodeStatus) -> bool:
+    """The node's ranks failed because a peer's connection went, not by themselves."""
+    return bool(PEER_LOSS.search(node.message)) and "megamoe: error" not in node.message
+
+
+def _cause_rank(node: pb.NodeStatus) -> tuple:
+    """Which failed node names the job's failure: the one whose log says why (megamoe's own
+    error), then any other failure, then one that only lost a peer; the first to go."""
+    return ("megamoe: error" not in node.message, _lost_a_peer(node), node.end_time.ToNanoseconds())
+
+
+def _await_cause(status: pb.JobStatus, failed: list, now_ns: int) -> bool:
+    """Hold the decision while every failed node only lost a peer and others still run:
+    the node that failed first is usually a moment behind (its agent notices its dead
+    worker after the peers' connections broke), and the restart's reason should name it.
+    At most ``PEER_LOSS_WAIT_S`` after the first of them went."""
+    if not all(_lost_a_peer(n) for n in failed):
+        return False
+    if not any(n.state == pb.NODE_RUNNING for n in status.nodes):
+        return False
+    first_ns = min(n.end_time.ToNanoseconds() for n in failed)
+    if now_ns - first_ns >= PEER_LOSS_WAIT_S * 1e9:
+        return False
+    nodes = ", ".join(str(n.index) for n in failed)
+    status.message = f"node(s) {nodes} lost a peer; waiting for the node that failed first"
+    return True
 
 
 def _hang(plan: Plan, view: JobView, hung: dict, now_ns: int) -> Plan:
@@ -383,17 +423,21 @@ def _fold_progress(plan: Plan, view: JobView, now_ns: int, last_progress_ns: int
                     mfu=f"{status.mfu:.6g}",
                 )
             )
-    ckpt = view.checkpoint
-    if ckpt and int(ckpt["step"]) > status.last_checkpoint_step:
-        status.last_checkpoint_step = int(ckpt["step"])
-        status.last_checkpoint = str(ckpt["path"])
+    ckpt = view.checkpoint or {}
+    # every commit since the last look, oldest first (the key lists the recent ones)
+    for step, path in sorted(
+        ckpt.get("commits") or ([[ckpt["step"], ckpt["path"]]] if ckpt else [])
+    ):
+        if int(step) <= status.last_checkpoint_step:
+            continue
+        status.last_checkpoint_step, status.last_checkpoint = int(step), str(path)
         plan.events.append(
             _event(
                 "checkpoint",
-                f"checkpoint of step {ckpt['step']} committed: {ckpt['path']}",
+                f"checkpoint of step {step} committed: {path}",
                 status.state,
-                step=ckpt["step"],
-                path=ckpt["path"],
+                step=step,
+                path=path,
             )
         )
 

@@ -20,11 +20,14 @@ def test_progress_is_leased_and_commits_and_results_are_not(etcd_server):
     reporter.step({"step": 4, "loss": 2.25})  # latest wins
     wait_until(lambda: etcd.get(KEYS.rank("job-a", 0)) is not None, 10, "the rank's report")
     wait_until(lambda: json.loads(etcd.get(KEYS.rank("job-a", 0))[0])["step"] == 4, 10, "step 4")
-    reporter.checkpoint(4, "/c/step-00000004")
+    reporter.checkpoint(2, "/c/step-00000002")
+    reporter.checkpoint(4, "/c/step-00000004")  # before the first was written, perhaps
     reporter.finished({"final_loss": 2.25, "summary_path": "/s.json"})
     reporter.close()
     assert etcd.get(KEYS.rank("job-a", 0)) is None  # the lease went with the worker
-    assert json.loads(etcd.get(KEYS.checkpoint("job-a"))[0])["step"] == 4
+    commit = json.loads(etcd.get(KEYS.checkpoint("job-a"))[0])
+    assert commit["step"] == 4
+    assert commit["commits"] == [[2, "/c/step-00000002"], [4, "/c/step-00000004"]]
     assert json.loads(etcd.get(KEYS.result("job-a"))[0])["final_loss"] == 2.25
 
 

@@ -128,6 +128,21 @@ def test_each_new_checkpoint_is_one_event():
     assert again.events == [] and not again.changed(plan.status)
 
 
+def test_commits_between_two_looks_are_one_event_each_in_order():
+    # the key holds the newest commit and lists the recent ones (trainer.elastic.report)
+    commits = [[s, f"/c/step-{s:08d}"] for s in (10, 20, 30)]
+    seen = decide(_view(2, _running(), checkpoint=_ckpt(commits[:1])), {}, T0 + SEC, T0)
+    plan = decide(_view(2, seen.status, checkpoint=_ckpt(commits)), {}, T0 + 2 * SEC, T0)
+    assert [e.details["step"] for e in plan.events] == ["20", "30"]
+    assert [e.details["path"] for e in plan.events] == ["/c/step-00000020", "/c/step-00000030"]
+    assert (plan.status.last_checkpoint_step, plan.status.last_checkpoint) == (30, commits[2][1])
+
+
+def _ckpt(commits):
+    step, path = commits[-1]
+    return {"step": step, "path": path, "commits": commits}
+
+
 def test_a_finished_job_is_left_alone():
     done = _running()
     done.state = pb.SUCCEEDED
@@ -174,6 +189,44 @@ def test_a_failure_within_the_budget_stops_the_world_and_restarts_it_after_the_b
     assert later.start == [0, 1] and later.status.generation == 1
     assert [n.state for n in later.status.nodes] == [pb.NODE_RUNNING] * 2
     assert [e.type for e in later.events] == ["restarted"]
+
+
+PEER_GONE = (
+    "[rank0]: RuntimeError: [gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+    "[127.0.0.1]:10661. This is typically caused by a remote worker crashing."
+)
+
+
+def test_a_node_that_only_lost_a_peer_waits_for_the_node_that_failed_first():
+    # node 1's worker was killed; node 0's rank saw the connection go and exited first
+    victim = {0: Observed(False, exit_code=1), 1: Observed(running=True)}
+    held = decide(_restartable(), victim, T0 + 10 * SEC, T0, {0: PEER_GONE})
+    s = held.status
+    assert held.stop == [] and s.restarts == 0 and not s.HasField("recovery")
+    assert [e.type for e in held.events] == ["node_exited"]
+    assert s.nodes[0].end_time.ToNanoseconds() == T0 + 10 * SEC
+    assert "lost a peer; waiting for the node that failed first" in s.message
+    # a moment later the killed node's agent reports: the restart names it
+    cause = {1: Observed(False, exit_code=1, signal=9)}
+    plan = decide(_restartable(status=s), cause, T0 + 11 * SEC, T0, {1: "exitcode: -9 (SIGKILL)"})
+    assert [e.type for e in plan.events] == ["node_exited", "restarting"]
+    assert "node 1 killed by SIGKILL" in plan.events[-1].message
+    assert sorted(plan.stop) == [0, 1] and plan.status.restarts == 1  # node 0 leftovers too
+    assert [n.restarts for n in plan.status.nodes] == [1, 1]
+
+
+def test_the_wait_for_a_cause_is_bounded_and_a_single_pass_picks_the_cause():
+    victim = {0: Observed(False, exit_code=1), 1: Observed(running=True)}
+    held = decide(_restartable(), victim, T0 + 10 * SEC, T0, {0: PEER_GONE})
+    still = decide(_restartable(status=held.status), {1: Observed(True)}, T0 + 14 * SEC, T0)
+    assert still.stop == [] and still.status.restarts == 0
+    late = decide(_restartable(status=held.status), {1: Observed(True)}, T0 + 15 * SEC, T0)
+    assert late.status.restarts == 1 and "node 0 exited with code 1" in late.events[-1].message
+    # both seen in one pass: the node that did not merely lose a peer is named, whatever
+    # its index
+    both = {0: Observed(False, exit_code=1), 1: Observed(False, exit_code=-9, signal=9)}
+    plan = decide(_restartable(), both, T0 + 10 * SEC, T0, {0: PEER_GONE})
+    assert "node 1 killed by SIGKILL" in plan.events[-1].message
 
 
 def test_the_backoff_doubles_up_to_its_cap():

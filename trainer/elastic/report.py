@@ -38,6 +38,7 @@ ENV_GENERATION = "MEGAMOE_GENERATION"  # which start of the job's world this is
 ENV_RANKS_PER_HOST = "MEGAMOE_RANKS_PER_HOST"  # ranks sharing this machine's cores (local executor)
 LEASE_TTL_S = 15
 FINAL_FLUSH_S = 10.0  # how long the last write may retry at exit
+RECENT_COMMITS = 16  # checkpoint commits the checkpoint key lists (see Reporter.checkpoint)
 
 
 class Reporter:
@@ -65,6 +66,7 @@ class Reporter:
         # collective the rank entered last (a hang shows there, not in the steps)
         self.live: Callable[[], dict[str, Any]] | None = None
         self._durable: dict[str, bytes] = {}  # key -> value, not yet written
+        self._commits: list[list] = []  # [step, path] of the newest checkpoint commits
         self._lease: Lease | None = None
         self._keeper: LeaseKeeper | None = None
         self._failing = False
@@ -96,9 +98,12 @@ class Reporter:
             }
 
     def checkpoint(self, step: int, path: str) -> None:
-        """Rank 0: a checkpoint committed."""
+        """Rank 0: a checkpoint committed. The value carries this process's last
+        ``RECENT_COMMITS`` commits too: several can commit between two writes of the key
+        or two looks of the control plane, and each is an event of the job."""
+        self._commits = [*self._commits, [step, path]][-RECENT_COMMITS:]
         value = {"step": step, "path": path, "generation": self.generation, "time": time.time()}
-        self._durably(self.keys.checkpoint(self.job_id), value)
+        self._durably(self.keys.checkpoint(self.job_id), {**value, "commits": self._commits})
 
     def restoring(self, path: str, commit: str) -> None:
         """Rank 0: the world is about to load this checkpoint (written before it does)."""

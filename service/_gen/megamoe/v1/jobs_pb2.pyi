@@ -130,7 +130,7 @@ class Toleration(_message.Message):
     def __init__(self, key: _Optional[str] = ..., operator: _Optional[str] = ..., value: _Optional[str] = ..., effect: _Optional[str] = ..., toleration_seconds: _Optional[int] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("index", "state", "restarts", "exit_code", "signal", "pid", "pod", "message")
+    __slots__ = ("index", "state", "restarts", "exit_code", "signal", "pid", "pod", "message", "end_time")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +139,7 @@ class NodeStatus(_message.Message):
     PID_FIELD_NUMBER: _ClassVar[int]
     POD_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
     index: int
     state: NodeState
     restarts: int
@@ -147,7 +148,8 @@ class NodeStatus(_message.Message):
     pid: int
     pod: str
     message: str
-    def __init__(self, index: _Optional[int] = ..., state: _Optional[_Union[NodeState, str]] = ..., restarts: _Optional[int] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., pid: _Optional[int] = ..., pod: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+    end_time: _timestamp_pb2.Timestamp
+    def __init__(self, index: _Optional[int] = ..., state: _Optional[_Union[NodeState, str]] = ..., restarts: _Optional[int] = ..., exit_code: _Optional[int] = ..., signal: _Optional[int] = ..., pid: _Optional[int] = ..., pod: _Optional[str] = ..., message: _Optional[str] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class JobStatus(_message.Message):
     __slots__ = ("state", "nodes", "step", "total_steps", "tokens", "last_loss", "tokens_per_second", "mfu", "last_checkpoint", "last_checkpoint_step", "create_time", "start_time", "end_time", "message", "summary_path", "final_loss", "restarts", "generation", "recovery", "skipped_checkpoints")
