@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._deps import require_corpus  # noqa: E402
 from trainer.atomic import write_json_atomic  # noqa: E402
 
 
@@ -64,11 +65,8 @@ def main() -> None:
     p.add_argument("--data", default=str(ROOT / "data/demo"))
     p.add_argument("--json", default=None)
     a = p.parse_args()
+    require_corpus(a.data)
     data = Path(a.data)
-    if not (data / "manifest.json").exists():
-        p.error(
-            f"no prepared corpus at {data}: run `megamoe data prepare --stdlib --output {data}`"
-        )
     results = {}
     for nproc in a.nproc:
         runs = []

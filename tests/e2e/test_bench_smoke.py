@@ -99,9 +99,10 @@ def test_a_plot_without_matplotlib_fails_before_any_training(tmp_path, no_matplo
 
 
 @pytest.mark.timeout(60)
-def test_pipeline_benchmark_without_a_corpus_fails_at_once(tmp_path):
+@pytest.mark.parametrize("bench", ["pipeline", "startup"])
+def test_a_benchmark_without_a_corpus_fails_at_once(tmp_path, bench):
     res = subprocess.run(
-        [sys.executable, "bench/pipeline.py", "--data", str(tmp_path / "none")],
+        [sys.executable, f"bench/{bench}.py", "--data", str(tmp_path / "none")],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -127,15 +128,3 @@ def test_startup_benchmark_times_each_phase_of_a_real_run(tmp_path, demo_data):
     assert 0 < med["banner_s"] <= med["first_step_s"] <= med["done_s"] < med["wall_s"]
     assert med["exit_after_done_s"] >= 0
     assert "--nproc 2: banner" in res.stdout
-
-
-@pytest.mark.timeout(60)
-def test_startup_benchmark_without_a_corpus_fails_at_once(tmp_path):
-    res = subprocess.run(
-        [sys.executable, "bench/startup.py", "--data", str(tmp_path / "none")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=50,
-    )
-    assert res.returncode == 2 and "no prepared corpus" in res.stderr, res.stderr[-2000:]
