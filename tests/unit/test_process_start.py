@@ -130,3 +130,28 @@ def test_objects_are_frozen_at_exit_and_nothing_written_is_lost(tmp_path):
     frozen = int(out.stdout.split("frozen at exit:")[1])
     assert frozen > 50_000, out.stdout
     assert log.read_text() == "written, never closed nor flushed by the program"
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """Local addresses (hex, as /proc/net/tcp writes them) listening on ``port``."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            local, state = row.split()[1], row.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.add(address)
+    return found
+
+
+def test_the_launchers_rendezvous_store_listens_on_loopback_only():
+    from trainer.parallel.spawn import launcher_store
+
+    store = launcher_store()
+    client = torch.distributed.TCPStore("127.0.0.1", store.port, is_master=False)
+    client.set("rank", "1")
+    assert store.get("rank") == b"1"
+    assert _listening_addresses(store.port) == {"0100007F"}  # 127.0.0.1, nothing else
+    port = store.port
+    del client, store
+    assert _listening_addresses(port) == set()  # the store closed the socket it was handed

@@ -8,8 +8,8 @@ The launching process hosts the ranks' rendezvous store (``launcher_store``) and
 each rank joins it as a client (``join``): a store hosted by rank 0 is not
 listening yet when a rank that started sooner first knocks, and that rank then
 backs off before trying again - measured 0.01-0.75 s lost per start, against
-under 0.07 s with the store already up. The store binds a port the kernel picks,
-so nothing can take it between choosing and binding.
+under 0.07 s with the store already up. The store listens on 127.0.0.1 only, on
+a port the kernel picks, so nothing can take it between choosing and binding.
 """
 
 from __future__ import annotations
@@ -38,9 +38,20 @@ def free_port() -> int:
 
 def launcher_store() -> dist.TCPStore:
     """The rendezvous store of ranks this process starts, on a loopback port of the
-    kernel's choosing (``.port``); it serves while this object lives."""
+    kernel's choosing (``.port``); it serves while this object lives. Its socket is bound
+    here, to 127.0.0.1 only (a store binding its own port listens on every interface),
+    and handed over: the store closes it."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    port = sock.getsockname()[1]
     return dist.TCPStore(
-        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=INIT_TIMEOUT
+        "127.0.0.1",
+        port,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=INIT_TIMEOUT,
+        master_listen_fd=sock.detach(),
     )
 
 
