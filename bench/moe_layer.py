@@ -13,7 +13,11 @@ included). Reported: the median over steps of the slowest rank's step time,
 and the roofline - the time this machine's GEMMs need for the same FLOPs at
 the same shapes, measured by a probe on every rank at once in the same run
 (after every step and at the end; its best sample) - as a ratio (roofline /
-measured = the share of GEMM speed the layer reaches).
+measured = the share of GEMM speed the layer reaches). Also reported: the paired
+ratio, the median over steps of each step's share of the roofline the probe
+measured right after it (``paired_ratio``; on a shared host the machine's speed
+drifts within a run, and this ratio compares each step with the speed of its
+moment).
 """
 
 from __future__ import annotations
@@ -80,7 +84,9 @@ class Probe:
     Sampled after each step as well as at the end: on a shared machine a burst of
     load can cover a few consecutive samples (once it made the roofline 1.8x too
     slow and the layer "138 %" of it), and the best sample of the whole run is the
-    GEMM speed the machine really offered. More samples can only lower the ratio."""
+    GEMM speed the machine really offered. More samples can only lower the ratio.
+    The samples right after each step also give that step its own roofline (the
+    paired ratio, see ``main``)."""
 
     def __init__(self, rows, h, f, dtype):
         self.a, self.b = torch.randn(rows, h, dtype=dtype), torch.randn(h, f, dtype=dtype)
@@ -89,18 +95,25 @@ class Probe:
         self.best = float("inf")
         self.samples = 0
 
-    def sample(self, repeats: int = 1) -> None:
+    def sample(self, repeats: int = 1) -> float:
+        """Take ``repeats`` samples; returns the best of them (seconds per FLOP)."""
+        best = float("inf")
         for _ in range(repeats):
             dist.barrier()
             start = time.perf_counter()
             self.a @ self.b
             self.c @ self.d
-            self.best = min(self.best, time.perf_counter() - start)
+            best = min(best, time.perf_counter() - start)
             self.samples += 1
+        self.best = min(self.best, best)
+        return best / self.flops
 
     def sec_per_flop(self) -> float:
         return self.best / self.flops
 
+
+# Probe samples taken right after each timed step; their best is that step's roofline.
+PAIRED_REPEATS = 3
 
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::_grouped_mm")
 
@@ -150,14 +163,14 @@ def _run(rank, world, a):
     w2 = torch.randn(el, a.ffn, a.hidden, dtype=dtype) * 0.02
     # Balanced routing gives each local expert tokens * topk / experts_per_rank rows.
     probe = Probe(a.tokens * a.topk // el, a.hidden, a.ffn, dtype)
-    times, dropped = [], 0
+    times, beside, dropped = [], [], 0
     for step in range(a.warmup + a.steps):
         dist.barrier()
         start = time.perf_counter()
         dropped = _layer_step(ctx, x, router_w, w1, w3, w2)
         if step >= a.warmup:
             times.append(time.perf_counter() - start)
-            probe.sample()
+            beside.append(probe.sample(repeats=PAIRED_REPEATS))
     probe.sample(repeats=5)
     sec_per_flop = probe.sec_per_flop()
     dist.barrier()
@@ -165,6 +178,7 @@ def _run(rank, world, a):
     return {
         "times": times,
         "sec_per_flop": sec_per_flop,
+        "sec_per_flop_beside": beside,
         "probe_samples": probe.samples,
         "dropped": dropped,
         "profile": split,
@@ -207,12 +221,21 @@ def main() -> None:
     # Expert GEMMs: 3 per row forward (FC1, FC3, FC2), 6 backward, 2 h f FLOPs each.
     flops_per_rank = 18 * a.tokens * a.topk * a.hidden * a.ffn
     roofline_s = flops_per_rank * max(r["sec_per_flop"] for r in ranks)
+    # Each step against the GEMM speed of the moment right after it (the slower rank's
+    # probe): load that slows the host for seconds slows both alike, so this share moves
+    # less with the machine's neighbours than the best-of-run one above.
+    paired = [
+        flops_per_rank * max(r["sec_per_flop_beside"][i] for r in ranks) / slowest[i]
+        for i in range(a.steps)
+    ]
     result = {
         "args": vars(a),
         "step_s": step_s,
         "roofline_s": roofline_s,
         "roofline_ratio": roofline_s / step_s,
         "roofline_samples": ranks[0]["probe_samples"],
+        "paired_ratio": statistics.median(paired),
+        "paired_ratios": paired,
         "tflops_per_rank": flops_per_rank / step_s / 1e12,
         "dropped_rows_last_step": sum(r["dropped"] for r in ranks),
         "step_times_s": slowest,
@@ -223,7 +246,8 @@ def main() -> None:
         f"{a.mode} ep={a.ep} {a.dtype} expert-gemm={a.expert_gemm}: "
         f"step {step_s * 1e3:.1f} ms (median, slowest rank), "
         f"GEMM roofline {roofline_s * 1e3:.1f} ms -> {100 * result['roofline_ratio']:.1f} % of "
-        f"roofline, {result['tflops_per_rank'] * 1e3:.1f} GFLOP/s per rank; "
+        f"roofline ({100 * result['paired_ratio']:.1f} % paired with the probe after each "
+        f"step), {result['tflops_per_rank'] * 1e3:.1f} GFLOP/s per rank; "
         f"bf16 path {result['cpu_bf16_path']}; profile (rank 0, one step): expert GEMMs "
         f"{100 * ranks[0]['profile']['gemm_share']:.0f} %, the rest "
         + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in ranks[0]["profile"]["rest_top"].items())

@@ -37,7 +37,10 @@ def test_moe_layer_benchmark_writes_json(tmp_path, extra):
     result = json.loads(out.read_text())
     assert len(result["step_times_s"]) == 2
     assert result["step_s"] > 0 and result["roofline_s"] > 0
-    assert result["roofline_samples"] == 2 + 5  # after each timed step, then 5 at the end
+    # 3 after each timed step (the step's own roofline), then 5 at the end
+    assert result["roofline_samples"] == 2 * 3 + 5
+    assert len(result["paired_ratios"]) == 2
+    assert min(result["paired_ratios"]) <= result["paired_ratio"] <= max(result["paired_ratios"])
     assert "of roofline" in res.stdout
 
 

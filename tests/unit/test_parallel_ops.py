@@ -123,3 +123,23 @@ def test_slot_sums_equal_the_reduction(k, dtype):
         assert torch.equal(got, want)
     else:  # summed in fp32 and rounded once, like the reduction; the order may differ
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_combine_gathers_each_tokens_slots_and_sums_them_like_sum_slots(k, dtype):
+    # The all-to-all combine: rows arrive in dispatch order; slot_place says where each
+    # (token, slot) row is. A gather per slot added in place must give sum_slots' bits.
+    from trainer.model.experts import sum_slots
+    from trainer.parallel.moe import _gather_slots
+
+    g = torch.Generator().manual_seed(10 + k)
+    T = 37
+    rows = torch.randn(T * k, 24, generator=g).to(dtype)
+    slot_place = torch.randperm(T * k, generator=g)
+    before = rows.clone()
+    got = _gather_slots(rows, slot_place, T, k)
+    want = sum_slots(rows[slot_place].view(T, k, 24))
+    assert got.dtype == dtype and got.shape == (T, 24)
+    assert torch.equal(got, want)
+    assert torch.equal(rows, before)  # the sums went into a new tensor, not the received rows

@@ -264,8 +264,19 @@ def _to_rank_major(rows_piece_major: torch.Tensor, index: torch.Tensor) -> torch
 
 
 def _gather_slots(rows_AH, slot_place, T_l, k):
-    """Rows in dispatch order -> [T_l, H]: back through the row mapping, summed over slots."""
-    return sum_slots(rows_at(rows_AH, slot_place).view(T_l, k, -1))
+    """Rows in dispatch order -> [T_l, H]: back through the row mapping, summed over slots.
+
+    One gather per slot, each added in place into the first: no [T_l, k, H] tensor is
+    written and read back (measured alone, 4096 tokens x 2 slots x 512: bf16 2.0 against
+    3.3 ms, fp32 3.7 against 4.8 ms). The same sums as ``sum_slots`` bit for bit: left to
+    right, and in fp32 for more than two bf16/fp16 slots (that case keeps ``sum_slots``)."""
+    if k > 2 and rows_AH.dtype != torch.float32:
+        return sum_slots(rows_at(rows_AH, slot_place).view(T_l, k, -1))
+    places = slot_place.view(T_l, k)
+    out = rows_at(rows_AH, places[:, 0].contiguous())
+    for j in range(1, k):
+        out.add_(rows_at(rows_AH, places[:, j].contiguous()))
+    return out
 
 
 def _order_received(ctx, pieces, recv_NKE, recv_meta, tokens, k, grouped: bool):
