@@ -143,3 +143,25 @@ def test_combine_gathers_each_tokens_slots_and_sums_them_like_sum_slots(k, dtype
     assert got.dtype == dtype and got.shape == (T, 24)
     assert torch.equal(got, want)
     assert torch.equal(rows, before)  # the sums went into a new tensor, not the received rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("k", [1, 2, 3, 8])
+def test_fill_and_gather_sums_the_present_slots_of_each_token(k, dtype):
+    # ep_agrs: a rank holds the rows of some (token, slot) pairs, in expert order; each
+    # token's present slots are summed, absent ones count as zero.
+    from trainer.model.experts import fill_and_gather, sum_slots
+
+    g = torch.Generator().manual_seed(20 + k)
+    T = 29
+    # about half of the slots of the first T - 5 tokens; the last 5 tokens have none here
+    slots = torch.randperm((T - 5) * k, generator=g)[: (T - 5) * k // 2 + 1]
+    rows = torch.randn(slots.numel(), 24, generator=g).to(dtype)
+    got = fill_and_gather(rows, slots, k, T)
+    want = sum_slots(rows.new_zeros(T * k, 24).index_copy(0, slots, rows).view(T, k, 24))
+    assert got.dtype == dtype and got.shape == (T, 24)
+    if k <= 2:  # the same terms, rounded once: bit for bit
+        assert torch.equal(got, want)
+    else:  # summed in fp32 (bf16: rounded once); only the order of the terms may differ
+        torch.testing.assert_close(got, want)
+    assert (got[T - 5 :] == 0).all()

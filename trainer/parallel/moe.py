@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.model.experts import sum_slots
+from trainer.model.experts import fill_and_gather, sum_slots
 from trainer.model.router import capacity_keep, group_capacity
 from trainer.parallel.comm import DoneHandle, JoinedHandle, PiecesOneAhead, issuer
 from trainer.parallel.fp8comm import all_gather_fp8, all_to_all_fp8, reduce_scatter_fp8
@@ -431,8 +431,7 @@ def gathered_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved, side=None):
     ys, fc1, fc3 = grouped_fwd(
         rows_at(x_all, tokens), gs, segments_of(counts), w1, w3, w2, ctx.fp8, ctx.expert_gemm
     )
-    full = ys.new_zeros(n * T_l * k, ys.shape[-1]).index_copy(0, slot_sel, ys)
-    summed = sum_slots(full.view(n * T_l, k, -1))
+    summed = fill_and_gather(ys, slot_sel, k, n * T_l)
     if ctx.fp8:
         out = reduce_scatter_fp8(ctx, summed, "ffn_rs")
     else:

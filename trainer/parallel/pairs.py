@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.model.experts import sum_slots
+from trainer.model.experts import fill_and_gather
 from trainer.parallel.comm import JoinedHandle, PiecesOneAhead, issuer
 from trainer.parallel.fp8comm import all_gather_fp8, reduce_scatter_fp8
 from trainer.parallel.hostsync import counts_of, host_ints
@@ -167,7 +167,7 @@ def ag_grouped_gemm_rs(ctx, x2, mine, gs_all, ids_all, first, w1, w3, w2, chunks
     the drop count on the device, read with the pieces' sizes in the one host read.
     Returns (out [T_l, H], saved dict for ``moe.gathered_backward``).
     """
-    T_l, H = x2.shape
+    T_l = x2.shape[0]
     n, k, Tc = ctx.n, ctx.topk, T_l // chunks
     gathers = gather_pieces(ctx, x2, chunks)
     flat_ids, flat_gs = ids_all.reshape(-1), gs_all.reshape(-1)
@@ -188,7 +188,7 @@ def ag_grouped_gemm_rs(ctx, x2, mine, gs_all, ids_all, first, w1, w3, w2, chunks
         ys, fc1, fc3 = grouped_fwd(
             x_c[slots // k], g_c, list(enumerate(counts)), w1, w3, w2, ctx.fp8, ctx.expert_gemm
         )
-        full = sum_slots(ys.new_zeros(n * Tc * k, H).index_copy(0, slots, ys).view(n * Tc, k, H))
+        full = fill_and_gather(ys, slots, k, n * Tc)
         if ctx.fp8:
             outs.append(reduce_scatter_fp8(ctx, full, "ffn_rs"))
         else:
