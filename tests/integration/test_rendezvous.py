@@ -42,7 +42,12 @@ dist.destroy_process_group()
 def run(etcd_server):
     """(etcd, keys, run id, the run's lease) for a run id of the test's own."""
     etcd, keys, run_id = Etcd(etcd_server.endpoint), Keys(PREFIX), uuid.uuid4().hex
-    return etcd, keys, run_id, RunLease(etcd, run_lease_id(keys, run_id), ttl=30)
+    lease_id = run_lease_id(keys, run_id)
+    lease = RunLease(etcd, lease_id, ttl=30)
+    yield etcd, keys, run_id, lease
+    lease.close()  # no refresh thread outlives the test (nor the module's etcd)
+    alive = [t.name for t in threading.enumerate() if t.name == f"etcd-lease-{lease_id:x}"]
+    assert not alive, f"{alive} still refreshing after close()"
 
 
 @pytest.mark.timeout(30)

@@ -103,6 +103,14 @@ class RunLease:
                 self._keeper = self._join().keep_alive()
             return self._keeper.lease
 
+    def close(self) -> None:
+        """Stop refreshing. The lease is shared by the run's agents, so it is not revoked:
+        it lapses after its TTL unless another agent still refreshes it."""
+        with self._lock:
+            if self._keeper is not None:
+                self._keeper.stop()
+                self._keeper = None
+
     def _join(self) -> Lease:
         try:
             return self._etcd.lease(self._ttl, lease_id=self._id)
