@@ -157,7 +157,7 @@ def test_fill_and_gather_sums_the_present_slots_of_each_token(k, dtype):
     # about half of the slots of the first T - 5 tokens; the last 5 tokens have none here
     slots = torch.randperm((T - 5) * k, generator=g)[: (T - 5) * k // 2 + 1]
     rows = torch.randn(slots.numel(), 24, generator=g).to(dtype)
-    got = fill_and_gather(rows, slots, k, T)
+    got = fill_and_gather(rows, slots // k, T, k)
     want = sum_slots(rows.new_zeros(T * k, 24).index_copy(0, slots, rows).view(T, k, 24))
     assert got.dtype == dtype and got.shape == (T, 24)
     if k <= 2:  # the same terms, rounded once: bit for bit

@@ -431,7 +431,7 @@ def gathered_forward(ctx, x2, ids, gates, scores, w1, w3, w2, saved, side=None):
     ys, fc1, fc3 = grouped_fwd(
         rows_at(x_all, tokens), gs, segments_of(counts), w1, w3, w2, ctx.fp8, ctx.expert_gemm
     )
-    summed = fill_and_gather(ys, slot_sel, k, n * T_l)
+    summed = fill_and_gather(ys, tokens, n * T_l, k)
     if ctx.fp8:
         out = reduce_scatter_fp8(ctx, summed, "ffn_rs")
     else:
@@ -459,7 +459,7 @@ def gathered_backward(ctx, d_out, recompute_x2, w1, w3, w2, saved, side=None):
     if ctx.chunks > 1:
         return ag_grouped_gemm_rs_bwd(ctx, d_out, recompute_x2, w1, w3, w2, saved, side)
     s = saved
-    T_l, H = d_out.shape
+    T_l = d_out.shape[0]
     n, k = ctx.n, ctx.topk
     if ctx.fp8:
         d_handle = all_gather_fp8(ctx, d_out, "ffn_ag")
@@ -481,7 +481,7 @@ def gathered_backward(ctx, d_out, recompute_x2, w1, w3, w2, saved, side=None):
         ctx.fp8,
         ctx.expert_gemm,
     )
-    d_x_all = dxs.new_zeros(n * T_l, H).index_add(0, tokens, dxs)
+    d_x_all = fill_and_gather(dxs, tokens, n * T_l, k)
     rs = ctx.issue(ctx.comm.reduce_scatter, d_x_all, "ffn_rs")
     d_g_all = dgs.new_zeros(n * T_l * k).index_copy(0, s["slot_sel"], dgs).view(n * T_l, k)
     g_rs = ctx.issue(ctx.comm.reduce_scatter, d_g_all.float(), "routing")

@@ -185,17 +185,18 @@ def ag_grouped_gemm_rs(ctx, x2, mine, gs_all, ids_all, first, w1, w3, w2, chunks
         global_slots = in_piece[slots]
         x_c = gathers.wait(c)
         g_c = flat_gs[global_slots]
+        token_A = slots // k  # rows of the gathered piece
         ys, fc1, fc3 = grouped_fwd(
-            x_c[slots // k], g_c, list(enumerate(counts)), w1, w3, w2, ctx.fp8, ctx.expert_gemm
+            x_c[token_A], g_c, list(enumerate(counts)), w1, w3, w2, ctx.fp8, ctx.expert_gemm
         )
-        full = fill_and_gather(ys, slots, k, n * Tc)
+        full = fill_and_gather(ys, token_A, n * Tc, k)
         if ctx.fp8:
             outs.append(reduce_scatter_fp8(ctx, full, "ffn_rs"))
         else:
             outs.append(ctx.comm.reduce_scatter(full, "ffn_rs", async_op=True))
         piece_rows.append(sum(counts))
         sel.append(global_slots)
-        toks.append(rows[slots // k])
+        toks.append(rows[token_A])
         gates.append(g_c)
         segs += list(enumerate(counts))
         fc1s.append(fc1)
@@ -276,7 +277,7 @@ def ag_grouped_gemm_rs_bwd(ctx, d_out, recompute_x2, w1, w3, w2, saved, side=Non
     """Backward of ``ag_grouped_gemm_rs`` piece by piece (same returns as
     ``moe.gathered_backward``); the inputs are re-gathered (SAR) in the same pieces."""
     s = saved
-    T_l, H = d_out.shape
+    T_l = d_out.shape[0]
     n, k, K = ctx.n, ctx.topk, ctx.chunks
     Tc = T_l // K
     ds = gather_pieces(ctx, d_out, K, fp8=ctx.fp8)
@@ -295,7 +296,7 @@ def ag_grouped_gemm_rs_bwd(ctx, d_out, recompute_x2, w1, w3, w2, saved, side=Non
             ctx, ds.wait(c)[local], s, rows, segments, w1, w3, w2
         )
         dw2 += dw2_c
-        d_x = dxs.new_zeros(n * Tc, H).index_add(0, local, dxs)
+        d_x = fill_and_gather(dxs, local, n * Tc, k)
         rss.append(ctx.comm.reduce_scatter(d_x, "ffn_rs", async_op=True))
         d_g = dgs.new_zeros(n * Tc * k).index_copy(0, local * k + s["slot_sel"][rows] % k, dgs)
         g_rss.append(ctx.comm.reduce_scatter(d_g.view(n * Tc, k).float(), "routing", async_op=True))
